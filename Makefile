@@ -1,0 +1,30 @@
+# Two commands: `make train` (the main job) and `make test` (the whole suite).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: train test bench clean
+
+# The venv is rebuilt when pyproject.toml changes; stamps record which extras are installed.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+train: $(VENV)/.installed
+	$(BIN)/python train.py
+	$(BIN)/python evaluate.py
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python bench/compare_torch.py
+
+clean:
+	rm -rf $(VENV)
