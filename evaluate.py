@@ -1,0 +1,6 @@
+"""Evaluate a trained model: the lecture's no-grad test loop (filled in by the training issue)."""
+
+import argparse
+
+if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__).parse_args()
