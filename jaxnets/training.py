@@ -1,0 +1,235 @@
+"""The lecture's training and test loops as pure JAX: a TrainState pytree, a jit-compiled train step
+applying an optax optimiser, a no-gradient eval step, and the epoch loops that drive them.
+
+The PyTorch loop `optimizer.zero_grad(); loss = criterion(model(images), targets); loss.backward();
+optimizer.step()` becomes one function: `jax.value_and_grad(loss)` -> `tx.update` -> `optax.apply_updates`.
+"""
+
+from typing import Any, Callable, Iterable, Iterator
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+Batch = dict[str, Any]
+Metrics = dict[str, jax.Array]
+LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+# torchvision's reference training weights the auxiliary classifier's loss by 0.4.
+AUX_LOSS_WEIGHT = 0.4
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training, as one pytree.
+
+    graphdef: the model's structure (static); params: its nnx.Param leaves; rest: every other model
+    variable (BatchNorm running statistics, dropout RNG state); opt_state: the optimiser's state;
+    step: the number of updates applied so far.
+    """
+
+    graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
+    tx: optax.GradientTransformationExtraArgs = flax.struct.field(pytree_node=False)
+    params: nnx.State
+    rest: nnx.State
+    opt_state: optax.OptState
+    step: jax.Array
+
+    @classmethod
+    def create(cls, model: nnx.Module, tx: optax.GradientTransformation) -> "TrainState":
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        # Extra-args support lets schedules such as reduce_on_plateau receive the loss (value=...).
+        tx = optax.with_extra_args_support(tx)
+        return cls(graphdef=graphdef, tx=tx, params=params, rest=rest,
+                   opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+
+    def model(self, *, train: bool = False) -> nnx.Module:
+        """A fresh NNX model holding a copy of this state, in train or eval mode."""
+        model = nnx.merge(self.graphdef, self.params, self.rest, copy=True)
+        model.train() if train else model.eval()
+        return model
+
+
+def _targets(batch: Batch) -> jax.Array:
+    return batch["target"] if "target" in batch else batch["label"]
+
+
+def _sums(loss: jax.Array, mask: jax.Array) -> Metrics:
+    """A batch's mean loss as sum and count, so epoch means weight every example equally
+    (the seed's `tloss += loss.item() * len(images)`)."""
+    count = jnp.sum(mask)
+    return {"loss_sum": loss * count, "count": count,
+            "nonfinite": (~jnp.isfinite(loss)).astype(jnp.int32)}
+
+
+def make_train_step(loss_fn: LossFn, *, donate: bool = True) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """Returns a jit-compiled `train_step(state, batch) -> (state, metrics)`.
+
+    batch: {"image": [B, H, W, C], "target": [B, P] or "label": [B], "mask": [B]}. The model runs in
+    train mode (batch statistics, dropout); a model returning (outputs, aux_outputs) is trained on
+    loss + 0.4 * aux loss, torchvision's convention. Predictions are cast to float32 before the loss,
+    so bf16 models keep a float32 loss. With donate=True the old state's buffers are reused.
+    """
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        targets, mask = _targets(batch), batch["mask"]
+
+        def compute_loss(params):
+            model = nnx.merge(state.graphdef, params, state.rest, copy=True)
+            model.train()
+            outputs = model(batch["image"])
+            aux_loss = 0.0
+            if isinstance(outputs, tuple):
+                outputs, aux_outputs = outputs
+                aux_loss = loss_fn(aux_outputs.astype(jnp.float32), targets, mask)
+            loss = loss_fn(outputs.astype(jnp.float32), targets, mask)
+            return loss + AUX_LOSS_WEIGHT * aux_loss, (loss, nnx.state(model, nnx.Not(nnx.Param)))
+
+        (total, (loss, rest)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params, value=total)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(params=params, rest=rest, opt_state=opt_state, step=state.step + 1)
+        return new_state, _sums(loss, mask)
+
+    return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(loss_fn: LossFn, *, with_predictions: bool = False) -> Callable:
+    """Returns a jit-compiled `eval_step(state, batch) -> metrics` (or `(metrics, predictions)`).
+
+    The lecture's `with torch.no_grad(): model.eval(); outputs = model(images)`: eval mode (running
+    BatchNorm statistics, no dropout), and no gradient is computed because none is asked for.
+    Padded rows (mask 0) add nothing to the sums.
+    """
+
+    def eval_step(state: TrainState, batch: Batch):
+        outputs = state.model(train=False)(batch["image"]).astype(jnp.float32)
+        metrics = _sums(loss_fn(outputs, _targets(batch), batch["mask"]), batch["mask"])
+        return (metrics, outputs) if with_predictions else metrics
+
+    return jax.jit(eval_step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices: batches split over a data axis, state replicated.
+
+
+def data_mesh(devices: list | None = None) -> Mesh:
+    """A 1-D mesh named 'data' over all devices (every process's, in multi-host runs)."""
+    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Places every array of tree on all devices of mesh."""
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def shard_batch(batch: Batch, mesh: Mesh) -> Batch:
+    """This process's rows of a global batch -> global arrays split along the 'data' axis."""
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+            for key, value in batch.items() if key != "index"}
+
+
+def _accumulate(total: Metrics | None, metrics: Metrics) -> Metrics:
+    # Stays on the device: no host sync per step.
+    return metrics if total is None else jax.tree.map(jnp.add, total, metrics)
+
+
+def summarize(total: Metrics | None) -> dict[str, float]:
+    """Device sums -> {"loss": sum / count, "count": ..., "nonfinite": ...} on the host."""
+    if total is None:
+        return {"loss": float("nan"), "count": 0, "nonfinite": 0}
+    total = jax.device_get(total)
+    count = float(total["count"])
+    return {"loss": float(total["loss_sum"]) / max(count, 1.0), "count": int(count),
+            "nonfinite": int(total["nonfinite"])}
+
+
+def train_epoch(
+    state: TrainState,
+    batches: Iterable[Batch],
+    train_step: Callable,
+    mesh: Mesh,
+    *,
+    totals: Metrics | None = None,
+    on_step: Callable[[TrainState, Metrics], bool] | None = None,
+) -> tuple[TrainState, Metrics | None, bool]:
+    """One pass over batches. Returns (state, accumulated device metrics, finished).
+
+    on_step(state, totals) is called after every step (for progress bars and signals); returning
+    False stops the epoch early (finished=False), e.g. to checkpoint and exit on SIGTERM.
+    """
+    for batch in batches:
+        state, metrics = train_step(state, shard_batch(batch, mesh))
+        totals = _accumulate(totals, metrics)
+        if on_step is not None and not on_step(state, totals):
+            return state, totals, False
+    return state, totals, True
+
+
+def evaluate(
+    state: TrainState,
+    batches: Iterable[Batch],
+    eval_step: Callable,
+    mesh: Mesh,
+    *,
+    with_predictions: bool = False,
+) -> dict[str, Any]:
+    """The no-grad test loop over padded, masked batches.
+
+    Returns {"loss", "count", ...}; with_predictions, also "predictions" [N, P], "targets" [N, P] or
+    [N] and "index" [N] for the real (unmasked) rows of this process, in the order of the batches.
+    """
+    totals, predictions, targets, indices = None, [], [], []
+    for batch in batches:
+        result = eval_step(state, shard_batch(batch, mesh))
+        if with_predictions:
+            result, outputs = result
+            keep = np.asarray(batch["mask"]) > 0
+            local = _process_local(outputs)
+            predictions.append(local[keep])
+            targets.append(np.asarray(_targets(batch))[keep])
+            indices.append(np.asarray(batch["index"])[keep])
+        totals = _accumulate(totals, result)
+    summary = summarize(totals)
+    if with_predictions:
+        summary["predictions"] = np.concatenate(predictions) if predictions else np.zeros((0,))
+        summary["targets"] = np.concatenate(targets) if targets else np.zeros((0,))
+        summary["index"] = np.concatenate(indices) if indices else np.zeros((0,), np.int64)
+    return summary
+
+
+def _process_local(array: jax.Array) -> np.ndarray:
+    """The rows of a 'data'-sharded global array that this process fed in."""
+    shards = sorted(array.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+    return np.concatenate([np.asarray(shard.data) for shard in shards])
+
+
+def fit(
+    state: TrainState,
+    train_batches: Callable[[int], Iterable[Batch]],
+    epochs: int,
+    loss_fn: LossFn,
+    *,
+    validation_batches: Callable[[], Iterable[Batch]] | None = None,
+    mesh: Mesh | None = None,
+) -> Iterator[tuple[int, TrainState, dict[str, float]]]:
+    """The lecture's epoch loop for research code: yields (epoch, state, metrics) after each epoch.
+
+    train_batches(epoch) gives that epoch's batches; validation_batches(), if given, the
+    evaluation batches. metrics holds "loss" (the epoch's mean training loss) and "validation_loss".
+    """
+    mesh = mesh or data_mesh()
+    state = replicate(state, mesh)
+    train_step, eval_step = make_train_step(loss_fn), make_eval_step(loss_fn)
+    for epoch in range(1, epochs + 1):
+        state, totals, _ = train_epoch(state, train_batches(epoch), train_step, mesh)
+        metrics = summarize(totals)
+        if validation_batches is not None:
+            metrics["validation_loss"] = evaluate(state, validation_batches(), eval_step, mesh)["loss"]
+        yield epoch, state, metrics

@@ -1,0 +1,174 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxnets import losses, training
+from jaxnets.checkpoint import Checkpointer
+from jaxnets.models import MLP
+
+WORKER = os.path.join(os.path.dirname(__file__), "multidevice_worker.py")
+
+
+def make_batch(rows=8, features=12, outputs=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"image": rng.normal(size=(rows, features)).astype(np.float32),
+            "target": rng.normal(size=(rows, outputs)).astype(np.float32),
+            "mask": np.ones(rows, np.float32)}
+
+
+def new_state(lr=1e-2, seed=0):
+    return training.TrainState.create(MLP(12, [16], 3, rngs=nnx.Rngs(seed)), optax.adam(lr))
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return training.data_mesh()
+
+
+def test_train_step_lowers_loss_on_fixed_batch(mesh):
+    state, batch = training.replicate(new_state(), mesh), make_batch()
+    step = training.make_train_step(losses.mse)
+    first = None
+    for _ in range(10):
+        state, metrics = step(state, training.shard_batch(batch, mesh))
+        first = first if first is not None else training.summarize(metrics)["loss"]
+    assert int(state.step) == 10
+    assert training.summarize(metrics)["loss"] < 0.7 * first
+
+
+def test_eval_step_is_the_plain_forward_pass(mesh):
+    state, batch = new_state(), make_batch()
+    metrics, predictions = training.make_eval_step(losses.mse, with_predictions=True)(
+        state, training.shard_batch(batch, mesh))
+    expected = state.model()(jnp.asarray(batch["image"]))
+    np.testing.assert_allclose(predictions, expected, rtol=1e-6)
+    assert float(metrics["loss_sum"]) == pytest.approx(8 * float(losses.mse(expected, batch["target"])), rel=1e-6)
+
+
+def test_masked_rows_change_nothing(mesh):
+    batch = make_batch(rows=6)
+    padded = {key: np.concatenate([value, np.full_like(value[:2], 7.0)]) for key, value in batch.items()}
+    padded["mask"][6:] = 0.0
+    step = training.make_train_step(losses.mse, donate=False)
+    plain, plain_metrics = step(new_state(), training.shard_batch(batch, mesh))
+    masked, masked_metrics = step(new_state(), training.shard_batch(padded, mesh))
+    assert training.summarize(masked_metrics) == pytest.approx(training.summarize(plain_metrics))
+    for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(masked.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_evaluate_sums_every_example_once(mesh):
+    state = new_state()
+    batch_a, batch_b = make_batch(seed=1), make_batch(seed=2)
+    batch_b["mask"][5:] = 0.0
+    for i, b in enumerate((batch_a, batch_b)):
+        b["index"] = np.arange(8) + 8 * i
+    eval_step = training.make_eval_step(losses.mse, with_predictions=True)
+    result = training.evaluate(state, [batch_a, batch_b], eval_step, mesh, with_predictions=True)
+    images = np.concatenate([batch_a["image"], batch_b["image"][:5]])
+    targets = np.concatenate([batch_a["target"], batch_b["target"][:5]])
+    assert result["count"] == 13
+    np.testing.assert_array_equal(result["index"], np.arange(13))
+    np.testing.assert_allclose(result["targets"], targets)
+    assert result["loss"] == pytest.approx(float(losses.mse(state.model()(images), targets)), rel=1e-5)
+
+
+def test_adam_trajectory_matches_torch(torch, mesh):
+    model = MLP(12, [16], 3, rngs=nnx.Rngs(3))
+    torch_model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    with torch.no_grad():
+        for torch_layer, layer in zip(torch_model[::2], model.layers):
+            torch_layer.weight.copy_(torch.from_numpy(np.array(layer.kernel[...]).T))
+            torch_layer.bias.copy_(torch.from_numpy(np.array(layer.bias[...])))
+    optimizer = torch.optim.Adam(torch_model.parameters(), lr=1e-2)
+    criterion = torch.nn.MSELoss()
+    state = training.replicate(training.TrainState.create(model, optax.adam(1e-2)), mesh)
+    step = training.make_train_step(losses.mse)
+    ours, theirs = [], []
+    for i in range(20):
+        batch = make_batch(seed=i)
+        state, metrics = step(state, training.shard_batch(batch, mesh))
+        ours.append(training.summarize(metrics)["loss"])
+        optimizer.zero_grad()
+        loss = criterion(torch_model(torch.from_numpy(batch["image"])), torch.from_numpy(batch["target"]))
+        loss.backward()
+        optimizer.step()
+        theirs.append(loss.item())
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4)
+
+
+def _run_worker(*args):
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+    env.pop("XLA_FLAGS", None)
+    return subprocess.Popen([sys.executable, WORKER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def _result(process):
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def single_device_result():
+    return _result(_run_worker("single"))
+
+
+def test_eight_devices_give_the_same_loss_as_one(single_device_result):
+    eight = _result(_run_worker("devices"))
+    assert single_device_result["devices"] == 1 and eight["devices"] == 8
+    np.testing.assert_allclose(eight["losses"], single_device_result["losses"], rtol=1e-5)
+    assert eight["kernel_sum"] == pytest.approx(single_device_result["kernel_sum"], rel=1e-5)
+
+
+def test_two_processes_agree_with_one(single_device_result):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    workers = [_run_worker("process", str(i), port) for i in range(2)]
+    results = [_result(w) for w in workers]
+    assert results[0]["devices"] == 2
+    assert results[0] == results[1]
+    np.testing.assert_allclose(results[0]["losses"], single_device_result["losses"], rtol=1e-5)
+
+
+def test_checkpoint_round_trip_keeps_everything(tmp_path, mesh):
+    class Dropped(nnx.Module):
+        def __init__(self, rngs):
+            self.mlp = MLP(12, [16], 3, rngs=rngs)
+            self.norm = nnx.BatchNorm(3, rngs=rngs)
+            self.dropout = nnx.Dropout(0.5, rngs=rngs)
+
+        def __call__(self, x):
+            return self.dropout(self.norm(self.mlp(x)))
+
+    step = training.make_train_step(losses.mse, donate=False)
+    state = training.TrainState.create(Dropped(nnx.Rngs(0)), optax.adam(1e-2))
+    state, _ = step(state, training.shard_batch(make_batch(), mesh))
+    checkpointer = Checkpointer(str(tmp_path))
+    checkpointer.save(state, {"epoch": 1, "batch": 0}, validation_loss=0.5)
+    checkpointer.wait()
+    template = training.TrainState.create(Dropped(nnx.Rngs(42)), optax.adam(1e-2))
+    restored, record = checkpointer.restore(template)
+    assert record == {"epoch": 1, "batch": 0}
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_array_equal(a, b)
+    # The next step (dropout mask included) is identical after a restore.
+    after_original, m1 = step(state, training.shard_batch(make_batch(seed=5), mesh))
+    after_restored, m2 = step(restored, training.shard_batch(make_batch(seed=5), mesh))
+    assert float(m1["loss_sum"]) == float(m2["loss_sum"])
+    with pytest.raises(ValueError, match=r"available steps: \[1\]"):
+        checkpointer.restore(template, step=7)
+    checkpointer.close()
