@@ -1,0 +1,294 @@
+"""Datasets: the built-in `lens` simulation, CosmoSim CSV+image folders and any TFDS dataset by name.
+
+`load_dataset` returns a `Dataset` of random-access splits; `jaxnets.data.pipeline.batches` feeds them to training.
+
+    load_dataset("lens")                          built once into the TFDS data dir, then reused
+    load_dataset(data="runs/cosmosim/train.csv")  converted once to an ArrayRecord dataset, then reused
+    load_dataset("mnist")                         any TFDS catalog dataset with `image` and `label` features
+
+All three are stored as TFDS ArrayRecord files and read with `tfds.data_source`: no TensorFlow needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from jaxnets.data import cosmosim, lens
+
+TASKS = ("regression", "classification")
+SPLITS = ("train", "validation", "test")
+INSTALL_TF = "pip install 'jaxnets[tf]'"
+
+
+class Examples:
+    """One split as a random-access sequence of plain examples, whatever the stored feature names.
+
+    examples[i] = {"image": uint8 [H, W, C], "target": float32 [P] (regression) or "label": int32
+    (classification), "index": i, "mask": 1.0}; `index` and `mask` let the pipeline track padding.
+    `indices` views a subset of `source` (e.g. a validation split carved out of train).
+    """
+
+    def __init__(self, source: Sequence[Mapping[str, Any]], *, image_key: str = "image",
+                 target_key: str | None = None, columns: Sequence[int] | None = None,
+                 label_key: str | None = None, indices: np.ndarray | None = None):
+        if (target_key is None) == (label_key is None):
+            raise ValueError("Examples needs exactly one of target_key (regression) or label_key (classification)")
+        self.source = source
+        self.image_key = image_key
+        self.target_key = target_key
+        self.columns = None if columns is None else np.asarray(columns, dtype=np.int64)
+        self.label_key = label_key
+        self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
+
+    def __repr__(self) -> str:
+        return f"Examples({len(self)} {self.task} examples)"
+
+    @property
+    def task(self) -> str:
+        return "regression" if self.target_key is not None else "classification"
+
+    def __len__(self) -> int:
+        return len(self.source) if self.indices is None else len(self.indices)
+
+    def _convert(self, index: int, raw: Mapping[str, Any]) -> dict[str, Any]:
+        image = np.asarray(raw[self.image_key], dtype=np.uint8)
+        if image.ndim == 2:  # some TFDS datasets store grayscale as [H, W]
+            image = image[:, :, None]
+        example: dict[str, Any] = {"image": image, "index": np.int32(index), "mask": np.float32(1.0)}
+        if self.target_key is not None:
+            target = np.asarray(raw[self.target_key], dtype=np.float32).reshape(-1)
+            example["target"] = target if self.columns is None else target[self.columns]
+        else:
+            example["label"] = np.int32(raw[self.label_key])
+        return example
+
+    def _source_index(self, index: int) -> int:
+        return int(index) if self.indices is None else int(self.indices[index])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"example {index} out of range for a split of {len(self)}")
+        return self._convert(index, self.source[self._source_index(index)])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        # TFDS sources read a list of records in one call, cheaper than one call per record.
+        raw = (self.source.__getitems__([self._source_index(i) for i in indices])
+               if hasattr(self.source, "__getitems__") else [self.source[self._source_index(i)] for i in indices])
+        return [self._convert(int(i), r) for i, r in zip(indices, raw)]
+
+    def targets(self, chunk: int = 256) -> np.ndarray:
+        """All regression targets of the split: float32 [N, P]."""
+        if self.target_key is None:
+            raise ValueError("targets() is for regression splits; this split has class labels")
+        rows = [example["target"] for start in range(0, len(self), chunk)
+                for example in self.__getitems__(range(start, min(start + chunk, len(self))))]
+        return np.stack(rows).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A loaded dataset: its splits and what the model needs to know about them.
+
+    name: "lens", "mnist", ... or "csv:<stem>"; task: "regression" or "classification";
+    splits: split name -> `Examples` (len, __getitem__); image_shape: (H, W, C);
+    target_names: regression parameter names, or class names for classification;
+    num_classes: classification only; directory: where the ArrayRecord files are (None if unknown);
+    metadata: what was recorded with the data (e.g. the seeded CSV split).
+    """
+
+    name: str
+    task: str
+    splits: Mapping[str, Any]
+    image_shape: tuple[int, int, int]
+    target_names: tuple[str, ...]
+    num_classes: int | None = None
+    directory: str | None = None
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    _cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def target_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-target mean and standard deviation over the train split: float32 [P] each.
+
+        A constant target gets std 1 so that standardising it cannot divide by zero.
+        """
+        if self.task != "regression":
+            raise ValueError(f"target_stats() is for regression; {self.name} is a {self.task} dataset")
+        if "stats" not in self._cache:
+            if "train" not in self.splits or len(self.splits["train"]) == 0:
+                raise ValueError(f"{self.name}: target_stats() needs a non-empty train split")
+            targets = self.splits["train"].targets().astype(np.float64)
+            mean, std = targets.mean(axis=0), targets.std(axis=0)
+            std = np.where(std > 0, std, 1.0)
+            self._cache["stats"] = (mean.astype(np.float32), std.astype(np.float32))
+        mean, std = self._cache["stats"]
+        return mean.copy(), std.copy()
+
+
+def load_dataset(dataset: str = "lens", *, data: str | None = None, image_dir: str | None = None,
+                 test_data: str | None = None, targets: Sequence[str] | None = None, image_size: int = 128,
+                 num_train: int = 8000, num_validation: int = 1000, num_test: int = 1000,
+                 task: str | None = None, data_dir: str | None = None, seed: int = 0,
+                 validation_fraction: float = 0.1, test_fraction: float = 0.1) -> Dataset:
+    """Loads (building or converting once if needed) one of the three kinds of dataset.
+
+    dataset: "lens" (built-in simulation), "csv" (or leave "lens" and give `data`), or a TFDS name ("mnist").
+    data / image_dir / test_data: a CosmoSim CSV, the folder its image paths are relative to (default:
+      the CSV's folder) and an optional separate test CSV.
+    targets: regression targets by name (lens and CSV); default all parameters present.
+    image_size, num_train, num_validation, num_test: the lens dataset's size (each combination is its own cache).
+    task: lens only: "regression" (params) or "classification" (SIS vs point mass); default regression.
+    data_dir: the TFDS data dir (default ~/tensorflow_datasets or $TFDS_DATA_DIR).
+    seed: lens generation seed; the seeded split of a CSV or of a TFDS train set into train/validation.
+    validation_fraction, test_fraction: the share of a CSV (or of a TFDS train split, validation only)
+      held out, when the data has no such split of its own.
+    """
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if data is not None or dataset == "csv":
+        if dataset not in ("lens", "csv"):
+            raise ValueError(f"data= names a CSV dataset; it cannot be combined with dataset={dataset!r}")
+        if data is None:
+            raise ValueError("dataset='csv' needs data='path/to/dataset.csv'")
+        if task not in (None, "regression"):
+            raise ValueError("CSV datasets are regression datasets: task must be 'regression'")
+        return _load_csv(data, image_dir=image_dir, test_data=test_data, targets=targets, data_dir=data_dir,
+                         seed=seed, validation_fraction=validation_fraction, test_fraction=test_fraction)
+    if image_dir is not None or test_data is not None:
+        raise ValueError("image_dir= and test_data= apply only to CSV datasets (data=...)")
+    if dataset == "lens":
+        return _load_lens(task or "regression", targets, image_size, num_train, num_validation, num_test,
+                          seed, data_dir)
+    if task not in (None, "classification"):
+        raise ValueError(f"TFDS datasets by name are classification datasets (image, label); got task={task!r}")
+    if targets is not None:
+        raise ValueError(f"targets= applies to regression datasets; {dataset!r} is loaded for classification")
+    return _load_named(dataset, data_dir=data_dir, seed=seed, validation_fraction=validation_fraction)
+
+
+def _select_targets(targets: Sequence[str] | None, available: Sequence[str], dataset: str) -> list[int]:
+    if targets is None:
+        return list(range(len(available)))
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    unknown = [t for t in targets if t not in available]
+    if unknown or not targets or len(set(targets)) != len(targets):
+        raise ValueError(f"{dataset}: targets must be distinct names from {tuple(available)}, got {tuple(targets)}"
+                         + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    return [list(available).index(t) for t in targets]
+
+
+def _load_lens(task: str, targets, image_size, num_train, num_validation, num_test, seed, data_dir) -> Dataset:
+    if num_train < 1:
+        raise ValueError(f"lens dataset: num_train must be at least 1, got {num_train}")
+    builder = lens.build(image_size, num_train, num_validation, num_test, seed, data_dir=data_dir)
+    sources = builder.as_data_source()
+    metadata = {"config": builder.builder_config.name, "param_names": list(lens.PARAM_NAMES)}
+    shape = (image_size, image_size, 1)
+    if task == "classification":
+        if targets is not None:
+            raise ValueError("targets= applies to lens regression; classification predicts the lens type")
+        splits = {name: Examples(src, label_key="lens") for name, src in sources.items()}
+        return Dataset("lens", task, splits, shape, lens.LENS_NAMES, len(lens.LENS_NAMES),
+                       str(builder.data_dir), metadata)
+    columns = _select_targets(targets, lens.PARAM_NAMES, "lens")
+    splits = {name: Examples(src, target_key="params", columns=columns) for name, src in sources.items()}
+    return Dataset("lens", task, splits, shape, tuple(lens.PARAM_NAMES[c] for c in columns), None,
+                   str(builder.data_dir), metadata)
+
+
+def _load_csv(data, *, image_dir, test_data, targets, data_dir, seed, validation_fraction,
+              test_fraction) -> Dataset:
+    builder = cosmosim.build(data, image_dir=image_dir, test_data=test_data, targets=targets,
+                             data_dir=data_dir, seed=seed, validation_fraction=validation_fraction,
+                             test_fraction=test_fraction)
+    metadata = dict(builder.info.metadata or {})
+    target_names = tuple(metadata["target_names"])
+    splits = {name: Examples(src, target_key="target") for name, src in builder.as_data_source().items()}
+    shape = tuple(int(d) for d in builder.info.features["image"].shape)
+    return Dataset(f"csv:{metadata['stem']}", "regression", splits, shape, target_names, None,
+                   str(builder.data_dir), metadata)
+
+
+def _missing_module(error: BaseException) -> str | None:
+    """The top-level module whose import failed somewhere in the exception chain, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ImportError):
+            name = error.name or ""
+            if not name and "No module named" in str(error):
+                name = str(error).split("No module named", 1)[1].strip(" '\"")
+            if name:
+                return name.split(".")[0]
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _data_source(name: str, data_dir: str | None, split: str | None = None):
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(f"unknown dataset {name!r}: use 'lens', a CosmoSim CSV (data='file.csv') or a "
+                         "TFDS catalog name such as 'mnist', 'fashion_mnist' or 'cifar10'") from None
+    except Exception as error:
+        module = _missing_module(error)
+        if module == "tensorflow":
+            raise ImportError(f"preparing the TFDS dataset {name!r} needs TensorFlow (TFDS encodes its images "
+                              f"with it); install it with: {INSTALL_TF}") from error
+        if module == "importlib_resources":
+            # TFDS imports this backport unconditionally when it prepares a catalog dataset.
+            raise ImportError(f"preparing the TFDS dataset {name!r} needs the `importlib_resources` package: "
+                              "pip install importlib_resources") from error
+        raise
+
+
+def _load_named(name: str, *, data_dir: str | None, seed: int, validation_fraction: float) -> Dataset:
+    sources = dict(_data_source(name, data_dir))
+    if not sources:
+        # TFDS reports no splits when it has only the feature spec (tfds.testing.mock_data does this):
+        # fall back to the usual train/test pair.
+        sources = {split: _data_source(name, data_dir, split) for split in ("train", "test")}
+    info = next(iter(sources.values())).dataset_info
+    features = info.features
+    if "image" not in features or "label" not in features or not hasattr(features["label"], "names"):
+        raise ValueError(f"{name}: expected `image` and a class `label` feature, found {sorted(features.keys())}")
+    shape = tuple(features["image"].shape)
+    if len(shape) == 2:
+        shape = (*shape, 1)
+    if len(shape) != 3 or any(d is None for d in shape):
+        raise ValueError(f"{name}: images must have one fixed shape (H, W, C), got {shape}")
+    splits = {split: Examples(src, label_key="label") for split, src in sources.items() if split in SPLITS}
+    metadata: dict[str, Any] = {"tfds_name": info.full_name if hasattr(info, "full_name") else name}
+    if "validation" not in splits and "train" in splits:
+        splits["train"], splits["validation"] = split_off(splits["train"], validation_fraction, seed)
+        metadata["validation"] = (f"seeded {validation_fraction:.0%} of the TFDS train split (seed {seed}); "
+                                  "train is the rest")
+    names = tuple(features["label"].names)
+    return Dataset(name, "classification", splits, shape, names, len(names), None, metadata)
+
+
+def split_off(examples: Examples, fraction: float, seed: int) -> tuple[Examples, Examples]:
+    """Splits `examples` into (rest, held-out) with a seeded `fraction` held out; both keep source order."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation_fraction must be between 0 and 1, got {fraction}")
+    count = len(examples)
+    held_out = max(1, int(round(fraction * count)))
+    if held_out >= count:
+        raise ValueError(f"cannot hold out {fraction:.0%} of {count} examples and keep any for training")
+    order = np.random.default_rng(seed).permutation(count)
+    base = np.arange(count) if examples.indices is None else examples.indices
+    rest, kept = np.sort(order[held_out:]), np.sort(order[:held_out])
+
+    def view(positions: np.ndarray) -> Examples:
+        return Examples(examples.source, image_key=examples.image_key, target_key=examples.target_key,
+                        columns=examples.columns, label_key=examples.label_key, indices=base[positions])
+
+    return view(rest), view(kept)
+
+
+__all__ = ["Dataset", "Examples", "load_dataset", "split_off", "lens", "cosmosim"]
