@@ -287,5 +287,10 @@ def build(data: str | Path, *, image_dir: str | Path | None = None, test_data: s
                        image_shape=(*shape, 1), target_names=tuple(chosen), split_rows=split_examples,
                        metadata=metadata)
     builder = CosmoSimCsv(config=config, data_dir=str(root), file_format="array_record")
-    builder.download_and_prepare(file_format="array_record")
+    try:
+        builder.download_and_prepare(file_format="array_record")
+    except OSError:
+        # Another process renamed its finished conversion of the same CSV into place first: use it.
+        if not (finished / "dataset_info.json").is_file():
+            raise
     return tfds.builder_from_directory(finished)

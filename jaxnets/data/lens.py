@@ -239,5 +239,12 @@ def build(image_size: int = 128, num_train: int = 8000, num_validation: int = 10
     predefined = {c.name for c in Lens.BUILDER_CONFIGS}
     builder = Lens(config=config.name if config.name in predefined else config, data_dir=data_dir,
                    file_format="array_record")
-    builder.download_and_prepare(file_format="array_record")
+    try:
+        builder.download_and_prepare(file_format="array_record")
+    except OSError:
+        # Another process (e.g. a second JAX process) renamed the same deterministic build into place
+        # first; TFDS has removed our copy, so use theirs.
+        if not (epath.Path(builder.data_dir) / "dataset_info.json").exists():
+            raise
+        builder = Lens(config=builder.builder_config, data_dir=data_dir, file_format="array_record")
     return builder
