@@ -15,8 +15,6 @@ import statistics
 import tempfile
 import time
 
-import numpy as np
-
 from jaxnets.data import lens, load_dataset
 from jaxnets.data.pipeline import batches, num_batches
 
@@ -87,5 +85,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    np.seterr(all="ignore")
     main()
