@@ -46,3 +46,17 @@ def test_activations_derivatives(tmp_path):
     gaps = list(result["logistic_threshold_gap"].values())
     assert gaps == sorted(gaps, reverse=True) and gaps[-1] < 0.01  # large beta approaches the threshold
     assert_png(result["figure"])
+
+
+def test_regression_vs_classification_both_learn(tmp_path):
+    result = load_example("regression_vs_classification").main(
+        num_train=512, num_validation=128, num_test=256, epochs=3, data_dir=str(tmp_path / "data"),
+        output_dir=str(tmp_path))
+    regression, classification = result["regression"], result["classification"]
+    assert regression["train_loss"][-1] < 0.7 * regression["train_loss"][0]  # the MLP's regression loss falls
+    assert regression["validation_loss"][-1] < regression["validation_loss"][0]
+    assert regression["r2"] > 0.3
+    assert classification["train_loss"][-1] < classification["train_loss"][0]
+    assert classification["accuracy"] > 0.65  # chance is 50 %
+    assert classification["count"] == 256  # the padded last batch loses no test example
+    assert_png(result["figure"])
