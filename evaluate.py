@@ -1,6 +1,39 @@
-"""Evaluate a trained model: the lecture's no-grad test loop (filled in by the training issue)."""
+"""Evaluate a trained run: the lecture's no-grad test loop, in eval mode, over every example of a split.
+
+Prints a per-parameter table (MAE, mean error, RMSE, R²) or accuracy and a confusion matrix, and writes
+eval_<split>.json, predictions_<split>.csv and predictions_<split>.png into the run folder.
+"""
 
 import argparse
+import sys
+
+from jaxnets.config import Config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--workdir", default=Config().run_dir, help="the run folder train.py wrote")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, help="evaluate the checkpoint of this training step")
+    which.add_argument("--best", dest="which", action="store_const", const="best",
+                       help="the checkpoint with the lowest validation loss (default)")
+    which.add_argument("--latest", dest="which", action="store_const", const="latest",
+                       help="the most recent checkpoint")
+    parser.add_argument("--split", default="test", help="which split to evaluate (test, validation, train)")
+    parser.add_argument("--data-dir", help="TFDS data folder, if not the one the run was trained with")
+    args = parser.parse_args(argv)
+    from jaxnets import experiment, report
+
+    try:
+        summary = experiment.evaluate_run(args.workdir, step=args.step, which=args.which or "best",
+                                          split=args.split, data_dir=args.data_dir)
+    except experiment.RunError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    print(f"{args.workdir}, step {summary['step']}, split {args.split}:")
+    print(report.format_report(summary))
+    return 0
+
 
 if __name__ == "__main__":
-    argparse.ArgumentParser(description=__doc__).parse_args()
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""A whole run from one Config: build data, model and optimiser, train with checkpoints and logs,
+resume where a run stopped, and evaluate a saved run (the work behind train.py and evaluate.py).
+
+This module is the edge of the library: it prints, draws progress bars and writes files.
+"""
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from jaxnets import data as data_lib
+from jaxnets import losses, metrics, report, training
+from jaxnets.checkpoint import Checkpointer
+from jaxnets.config import Config
+from jaxnets.data import pipeline
+from jaxnets.models import MLP
+from jaxnets.models.inception import Inception3
+
+METRICS_FILE = "metrics.jsonl"
+# Fields that must agree between a saved run and a resumed one (the rest, e.g. epochs or lr, may change).
+RESUME_FIELDS = ("dataset", "data", "test_data", "targets", "task", "image_size", "num_train",
+                 "num_validation", "num_test", "standardize", "model", "hidden", "head_features",
+                 "aux_logits", "batch_size", "precision", "seed", "on_nan")
+
+
+class RunError(Exception):
+    """A problem the user can fix (bad option, incompatible workdir, diverged run): message + exit code."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks from the config
+
+
+def setup_jax(config: Config) -> None:
+    """Multi-host initialisation and the persistent compilation cache."""
+    if config.distributed:
+        jax.distributed.initialize()  # reads the coordinator from Slurm (or JAX_COORDINATOR_ADDRESS...)
+    if config.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(config.compilation_cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def load_data(config: Config) -> data_lib.Dataset:
+    targets = [t.strip() for t in config.targets.split(",") if t.strip()] if config.targets else None
+    return data_lib.load_dataset(
+        config.dataset, data=config.data, image_dir=config.image_dir, test_data=config.test_data,
+        targets=targets, image_size=config.image_size, num_train=config.num_train,
+        num_validation=config.num_validation, num_test=config.num_test, task=config.task,
+        data_dir=config.data_dir, seed=config.seed)
+
+
+def loss_function(config: Config, dataset: data_lib.Dataset) -> training.LossFn:
+    name = config.loss or ("cross_entropy" if dataset.task == "classification" else "mse")
+    if (name == "cross_entropy") != (dataset.task == "classification"):
+        raise RunError(f"--loss {name} does not fit the {dataset.task} task of dataset {dataset.name!r}")
+    return losses.LOSSES[name]
+
+
+def num_outputs(dataset: data_lib.Dataset) -> int:
+    return dataset.num_classes if dataset.task == "classification" else len(dataset.target_names)
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    return tuple(int(s) for s in text.split(",") if s.strip())
+
+
+def build_model(config: Config, dataset: data_lib.Dataset) -> nnx.Module:
+    """The network named by config.model, sized for dataset's images and outputs."""
+    dtype = jnp.bfloat16 if config.precision == "bf16" else jnp.float32
+    height, width, channels = dataset.image_shape
+    outputs = num_outputs(dataset)
+    rngs = nnx.Rngs(config.seed)
+    if config.model == "mlp":
+        return MLP(height * width * channels, _sizes(config.hidden), outputs, dtype=dtype, rngs=rngs)
+    kwargs = dict(in_channels=channels, aux_logits=config.aux_logits, dropout=config.dropout,
+                  head_features=_sizes(config.head_features), dtype=dtype)
+    if config.init_from:
+        from jaxnets import convert
+
+        try:
+            model = convert.inception3_from_torch(convert.load_torch_checkpoint(config.init_from), **kwargs,
+                                                  rngs=rngs)
+        except (OSError, ValueError) as error:
+            raise RunError(f"--init-from {config.init_from}: {error}") from None
+        if model.num_outputs != outputs:
+            raise RunError(f"--init-from {config.init_from} has {model.num_outputs} outputs; the dataset "
+                           f"needs {outputs} ({', '.join(dataset.target_names)})")
+        return model
+    return Inception3(outputs, **kwargs, rngs=rngs)
+
+
+def build_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Adam (AdamW with --weight-decay) with the chosen learning-rate schedule."""
+    if config.schedule == "cosine":
+        learning_rate = optax.cosine_decay_schedule(config.lr, max(1, config.epochs * steps_per_epoch))
+    else:
+        learning_rate = config.lr
+    if config.weight_decay > 0:
+        tx = optax.adamw(learning_rate, weight_decay=config.weight_decay)
+    else:
+        tx = optax.adam(learning_rate)
+    if config.schedule == "plateau":
+        # torch's ReduceLROnPlateau(patience=5, factor=0.5), judged on each epoch's mean training loss.
+        tx = optax.chain(tx, optax.contrib.reduce_on_plateau(
+            factor=0.5, patience=5, accumulation_size=max(1, steps_per_epoch)))
+    if config.on_nan == "skip":
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
+    return tx
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals: finish the step, checkpoint, exit 130 (SIGINT) or 143 (SIGTERM).
+
+
+class StopSignals:
+    """Records SIGINT/SIGTERM instead of dying mid-step; a second SIGINT exits at once."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            # Orbax finalises checkpoints by rename, so exiting now cannot corrupt the last complete one.
+            print("\nSecond interrupt: exiting now.", file=sys.stderr, flush=True)
+            os._exit(130)
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing the step and saving a checkpoint "
+              "(Ctrl-C again to exit at once).", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.received or 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def _check_saved_config(config: Config, workdir: str) -> None:
+    try:
+        saved = Config.load(workdir)
+    except FileNotFoundError:
+        return
+    except ValueError as error:
+        raise RunError(str(error)) from None
+    differences = saved.differences(config, RESUME_FIELDS)
+    if differences:
+        listed = "; ".join(f"{k}: saved {a!r}, requested {b!r}" for k, (a, b) in differences.items())
+        raise RunError(f"workdir {workdir!r} holds a run with a different setup ({listed}). Use another "
+                       f"--workdir for a fresh run, or the saved options to resume this one.")
+
+
+def _read_history(path: str, completed_epochs: int) -> list[dict]:
+    """metrics.jsonl records of the epochs a checkpoint covers (later lines are from a lost tail)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if r["epoch"] <= completed_epochs]
+
+
+def _write_history(path: str, history: list[dict]) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in history)
+    os.replace(path + ".tmp", path)
+
+
+def _tensorboard(workdir: str):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+
+def train_and_evaluate(config: Config) -> dict:
+    """Trains config's model on its dataset; resumes from the workdir's latest checkpoint if any.
+
+    Returns the history of per-epoch metrics. Raises RunError for problems the user can fix.
+    """
+    setup_jax(config)
+    workdir = config.run_dir
+    _check_saved_config(config, workdir)
+    dataset = load_data(config)
+    loss_fn = loss_function(config, dataset)
+    mesh = training.data_mesh()
+    if config.batch_size % mesh.size:
+        raise RunError(f"--batch-size {config.batch_size} must be a multiple of the {mesh.size} devices")
+    steps_per_epoch = pipeline.num_batches(dataset, "train", config.batch_size, train=True)
+    standardize = dataset.target_stats() if dataset.task == "regression" and config.standardize else None
+
+    model = build_model(config, dataset)
+    state = training.TrainState.create(model, build_optimizer(config, steps_per_epoch))
+    config.save(workdir)
+    checkpointer = Checkpointer(workdir)
+    epoch, start_batch, partial = 1, 0, None
+    history_path = os.path.join(workdir, METRICS_FILE)
+    history: list[dict] = []
+    if checkpointer.latest_step() is not None:
+        state, record = checkpointer.restore(state)
+        epoch, start_batch = record["epoch"] + 1, record["batch"]
+        partial = record.get("partial")
+        history = _read_history(history_path, record["epoch"])
+        print(f"Resuming from {checkpointer.directory} step {int(state.step)}: epoch {epoch}, batch "
+              f"{start_batch}", flush=True)
+    _write_history(history_path, history)
+    state = training.replicate(state, mesh)
+    train_step, eval_step = training.make_train_step(loss_fn), training.make_eval_step(loss_fn)
+    record_base = {"target_mean": None if standardize is None else standardize[0].tolist(),
+                   "target_std": None if standardize is None else standardize[1].tolist()}
+    writer = _tensorboard(workdir) if jax.process_index() == 0 else None
+    is_main = jax.process_index() == 0
+
+    with StopSignals() as stop:
+        while epoch <= config.epochs:
+            started = time.perf_counter()
+            batches = pipeline.batches(dataset, "train", config.batch_size, train=True, seed=config.seed,
+                                       epoch=epoch, start_batch=start_batch, standardize=standardize)
+            totals = None if partial is None else jax.tree.map(jnp.asarray, partial)
+            bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch}/{config.epochs}",
+                       unit="batch", leave=False, disable=not is_main, dynamic_ncols=True)
+            position = {"batch": start_batch}
+
+            def on_step(state, totals):
+                position["batch"] += 1
+                bar.update(1)
+                # A host sync only every 20 steps: the running loss for the bar and a NaN check.
+                if position["batch"] % 20 == 0:
+                    summary = training.summarize(totals)
+                    rate = bar.format_dict["rate"] or 0.0
+                    bar.set_postfix(loss=f"{summary['loss']:.4g}", img_s=f"{rate * config.batch_size:.1f}")
+                    if summary["nonfinite"] and config.on_nan == "stop":
+                        return False
+                return stop.received is None
+
+            state, totals, finished = training.train_epoch(state, batches, train_step, mesh, totals=totals,
+                                                           on_step=on_step)
+            bar.close()
+            summary = training.summarize(totals)
+            if summary["nonfinite"] and config.on_nan == "stop":
+                checkpointer.close()
+                raise RunError(
+                    f"the loss became NaN or Inf in epoch {epoch} (by step {int(state.step)}); the last good "
+                    f"checkpoint in {checkpointer.directory} is kept. Try a lower learning rate (--lr "
+                    f"{config.lr / 10:g}) or --on-nan skip.", exit_code=3)
+            if not finished:
+                record = dict(record_base, epoch=epoch - 1, batch=position["batch"],
+                              partial=jax.tree.map(lambda x: x.item(), jax.device_get(totals)))
+                checkpointer.save(state, record)
+                checkpointer.close()
+                print(f"Saved a checkpoint at step {int(state.step)} (epoch {epoch}, batch {position['batch']}) "
+                      f"in {checkpointer.directory}. Resume with the same command:\n  python train.py "
+                      f"--workdir {workdir} ...", file=sys.stderr, flush=True)
+                return {"history": history, "interrupted": stop.exit_code}
+            validation = training.evaluate(
+                state, pipeline.batches(dataset, "validation", config.batch_size, train=False,
+                                        standardize=standardize), eval_step, mesh)
+            elapsed = time.perf_counter() - started
+            entry = {"epoch": epoch, "step": int(state.step), "loss": summary["loss"],
+                     "validation_loss": validation["loss"], "skipped_steps": summary["nonfinite"],
+                     "seconds": round(elapsed, 2)}
+            print(f"Epoch {epoch}: Loss = {summary['loss']:.6g}, Validation loss = {validation['loss']:.6g}, "
+                  f"time = {elapsed:.1f} s", flush=True)
+            checkpointer.save(state, dict(record_base, epoch=epoch, batch=0, partial=None), validation["loss"])
+            history.append(entry)
+            if is_main:
+                _write_history(history_path, history)
+                if writer is not None:
+                    writer.add_scalar("loss/train", entry["loss"], epoch)
+                    writer.add_scalar("loss/validation", entry["validation_loss"], epoch)
+            epoch, start_batch, partial = epoch + 1, 0, None
+            if stop.received is not None:
+                checkpointer.close()
+                print(f"Stopped after epoch {epoch - 1}; resume with the same command.", file=sys.stderr)
+                return {"history": history, "interrupted": stop.exit_code}
+    checkpointer.close()
+    if writer is not None:
+        writer.close()
+    if is_main and history:
+        report.plot_loss_curve(os.path.join(workdir, "loss_curve.png"), history)
+    return {"history": history, "interrupted": None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate_run(workdir: str, *, step: int | None = None, which: str = "best", split: str = "test",
+                 data_dir: str | None = None) -> dict:
+    """The no-grad test loop on a saved run: rebuilds model and data from the workdir's config,
+    restores a checkpoint (step, or the best / latest), writes eval_<split>.json,
+    predictions_<split>.csv and predictions_<split>.png, and returns the report."""
+    if not os.path.isdir(workdir):
+        raise RunError(f"workdir {workdir!r} does not exist: train first (python train.py --workdir ...)")
+    try:
+        config = Config.load(workdir)
+    except (FileNotFoundError, ValueError) as error:
+        raise RunError(str(error)) from None
+    if data_dir:
+        config = Config(**{**json.loads(config.to_json()), "data_dir": data_dir})
+    setup_jax(config)
+    checkpointer = Checkpointer(workdir, read_only=True)
+    available = checkpointer.steps()
+    if not available:
+        raise RunError(f"no complete checkpoint in {checkpointer.directory}: train first, or check --workdir")
+    if step is None:
+        step = checkpointer.best_step() if which == "best" else None
+        step = step if step is not None else checkpointer.latest_step()
+    elif step not in available:
+        raise RunError(f"no checkpoint at step {step} in {checkpointer.directory}; available steps: {available}")
+    dataset = load_data(config)
+    if split not in dataset.splits:
+        raise RunError(f"dataset {dataset.name!r} has no split {split!r}; it has {sorted(dataset.splits)}")
+    loss_fn = loss_function(config, dataset)
+    template = training.TrainState.create(build_model(config, dataset), build_optimizer(config, 1))
+    try:
+        state, record = checkpointer.restore(template, step)
+    except ValueError as error:
+        raise RunError(str(error)) from None
+    mesh = training.data_mesh()
+    standardize = None
+    if record.get("target_mean") is not None:
+        standardize = (np.asarray(record["target_mean"], np.float32), np.asarray(record["target_std"], np.float32))
+    batches = pipeline.batches(dataset, split, config.batch_size, train=False, standardize=standardize)
+    result = training.evaluate(training.replicate(state, mesh), batches,
+                               training.make_eval_step(loss_fn, with_predictions=True), mesh,
+                               with_predictions=True)
+    predictions, true = result["predictions"], result["targets"]
+    if dataset.task == "regression":
+        if standardize is not None:
+            predictions = pipeline.destandardize(predictions, standardize)
+            true = pipeline.destandardize(true, standardize)
+        summary = metrics.regression_report(true, predictions, dataset.target_names)
+    else:
+        summary = metrics.classification_report(true, predictions, dataset.class_names
+                                                 if hasattr(dataset, "class_names") else dataset.target_names)
+    summary.update(loss=result["loss"], split=split, step=int(step), workdir=workdir)
+    if jax.process_index() == 0:
+        report.write_json(os.path.join(workdir, f"eval_{split}.json"), summary)
+        if dataset.task == "regression":
+            report.write_predictions(os.path.join(workdir, f"predictions_{split}.csv"), result["index"], true,
+                                     predictions, list(dataset.target_names))
+            report.plot_predictions(os.path.join(workdir, f"predictions_{split}.png"), true, predictions, summary)
+        else:
+            report.write_predictions(os.path.join(workdir, f"predictions_{split}.csv"), result["index"], true,
+                                     predictions.argmax(axis=-1), ["label"])
+    return summary

@@ -1,0 +1,103 @@
+"""End to end: train.py and evaluate.py on a tiny lens run, resume, and refusal of incompatible runs."""
+
+import csv
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxnets import experiment, training
+from jaxnets.checkpoint import Checkpointer
+from jaxnets.config import Config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_args(workdir, data_dir, *extra):
+    return ["--model", "mlp", "--hidden", "32", "--image-size", "32", "--num-train", "96",
+            "--num-validation", "16", "--num-test", "20", "--batch-size", "16", "--epochs", "2",
+            "--workdir", str(workdir), "--data-dir", str(data_dir), "--compilation-cache", "", *extra]
+
+
+def run_script(script, *args, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def tiny_config(tmp_path, **changes):
+    values = dict(model="mlp", hidden="32", image_size=32, num_train=96, num_validation=16, num_test=20,
+                  batch_size=16, epochs=2, workdir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"),
+                  compilation_cache="")
+    return Config(**{**values, **changes})
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    workdir, data_dir = tmp / "run", tmp / "data"
+    trained = run_script("train.py", *tiny_args(workdir, data_dir))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    evaluated = run_script("evaluate.py", "--workdir", workdir)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    return workdir, trained.stdout, evaluated.stdout
+
+
+def test_train_prints_the_seed_lines_and_writes_the_run(finished_run):
+    workdir, stdout, _ = finished_run
+    assert "Epoch 1: Loss = " in stdout and "Epoch 2: Loss = " in stdout
+    history = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(np.isfinite(h["loss"]) and np.isfinite(h["validation_loss"]) for h in history)
+    assert (workdir / "loss_curve.png").stat().st_size > 1000
+    assert Config.load(str(workdir)).model == "mlp"
+
+
+def test_evaluate_report_matches_its_predictions(finished_run):
+    workdir, _, stdout = finished_run
+    report = json.loads((workdir / "eval_test.json").read_text())
+    assert report["count"] == 20 and report["split"] == "test"
+    assert "R²" in stdout and "einsteinR" in stdout
+    with open(workdir / "predictions_test.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(int(r["index"]) for r in rows) == list(range(20))  # every example, once
+    for name, values in report["parameters"].items():
+        true = np.array([float(r[f"{name} (true)"]) for r in rows])
+        predicted = np.array([float(r[f"{name} (predicted)"]) for r in rows])
+        r2 = 1 - np.sum((predicted - true) ** 2) / np.sum((true - true.mean()) ** 2)
+        assert values["r2"] == pytest.approx(r2, rel=1e-4, abs=1e-5)
+        assert values["mae"] == pytest.approx(np.mean(np.abs(predicted - true)), rel=1e-4)
+    assert (workdir / "predictions_test.png").stat().st_size > 1000
+
+
+def _params(workdir):
+    config = Config.load(str(workdir))
+    dataset = experiment.load_data(config)
+    template = training.TrainState.create(experiment.build_model(config, dataset),
+                                          experiment.build_optimizer(config, 6))
+    state, _ = Checkpointer(str(workdir), read_only=True).restore(template)
+    return jax.tree.leaves(state.params) + jax.tree.leaves(state.opt_state)
+
+
+def test_resume_gives_identical_parameters_and_history(tmp_path):
+    straight = tiny_config(tmp_path, workdir=str(tmp_path / "straight"))
+    experiment.train_and_evaluate(straight)
+    split = tiny_config(tmp_path, workdir=str(tmp_path / "split"), epochs=1)
+    experiment.train_and_evaluate(split)
+    experiment.train_and_evaluate(dataclasses.replace(split, epochs=2))
+    for a, b in zip(_params(tmp_path / "straight"), _params(tmp_path / "split")):
+        np.testing.assert_array_equal(a, b)
+    lines = [[json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")] for name in ("straight", "split")]
+    strip = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # noqa: E731
+    assert strip(lines[0]) == strip(lines[1])
+
+
+def test_incompatible_workdir_is_refused_with_the_differences(tmp_path):
+    config = tiny_config(tmp_path, epochs=1)
+    experiment.train_and_evaluate(config)
+    with pytest.raises(experiment.RunError, match=r"hidden: saved '32', requested '64'.*--workdir"):
+        experiment.train_and_evaluate(dataclasses.replace(config, hidden="64"))
