@@ -27,9 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = experiment.evaluate_run(args.workdir, step=args.step, which=args.which or "best",
                                           split=args.split, data_dir=args.data_dir)
-    except experiment.RunError as error:
+    except (experiment.RunError, ValueError, OSError) as error:
+        # Problems with the user's input: one clear message, no traceback.
         print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
+        return getattr(error, "exit_code", 2)
     print(f"{args.workdir}, step {summary['step']}, split {args.split}:")
     print(report.format_report(summary))
     return 0

@@ -14,9 +14,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = experiment.train_and_evaluate(config)
-    except experiment.RunError as error:
+    except (experiment.RunError, ValueError, OSError) as error:
+        # Problems with the user's input: one clear message, no traceback.
         print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
+        return getattr(error, "exit_code", 2)
     if result["interrupted"]:
         return result["interrupted"]
     print(f"Run saved in {config.run_dir}; evaluate it with: python evaluate.py --workdir {config.run_dir}")

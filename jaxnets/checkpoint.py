@@ -5,7 +5,9 @@ Orbax writes each step to a temporary folder and renames it when complete, so a 
 leaves the previous checkpoint intact; incomplete folders are never listed as steps.
 """
 
+import glob
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -35,6 +37,12 @@ class Checkpointer:
 
     def __init__(self, workdir: str, *, read_only: bool = False):
         self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+        unfinished = sorted(glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*")))
+        if unfinished:
+            # Left by a crash or kill during a save; orbax never lists them as steps.
+            warnings.warn(f"ignoring {len(unfinished)} unfinished checkpoint folder(s) in {self.directory} "
+                          f"(a save was interrupted): {', '.join(map(os.path.basename, unfinished))}",
+                          stacklevel=2)
         policy = checkpoint_managers.AnyPreservationPolicy([
             checkpoint_managers.LatestN(n=1),
             # Mid-epoch (interrupt) checkpoints carry no validation loss and are kept only while latest.
@@ -42,7 +50,7 @@ class Checkpointer:
                                       reverse=True, n=1, keep_checkpoints_without_metrics=False),
         ])
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, read_only=read_only,
-                                               create=not read_only)
+                                               create=not read_only, cleanup_tmp_directories=not read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:
@@ -77,9 +85,10 @@ class Checkpointer:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
-        except (ValueError, KeyError, FileNotFoundError) as error:
+        except Exception as error:  # orbax/tensorstore raise many types for damaged or foreign files
+            message = str(error).strip().splitlines()[0][:500] if str(error).strip() else type(error).__name__
             raise ValueError(f"checkpoint step {step} in {self.directory} does not match this model "
-                             f"or is damaged: {error}") from None
+                             f"or is damaged: {message}") from None
         loaded = restored.state
         rest = jax.tree.map(
             lambda old, new: jax.random.wrap_key_data(new, impl=jax.random.key_impl(old))

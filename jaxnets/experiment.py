@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import logging as absl_logging
 import numpy as np
 import optax
 from flax import nnx
@@ -47,7 +48,8 @@ class RunError(Exception):
 
 
 def setup_jax(config: Config) -> None:
-    """Multi-host initialisation and the persistent compilation cache."""
+    """Multi-host initialisation, the persistent compilation cache, and quiet library logs."""
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax/TFDS info lines would bury the epoch lines
     if config.distributed:
         jax.distributed.initialize()  # reads the coordinator from Slurm (or JAX_COORDINATOR_ADDRESS...)
     if config.compilation_cache:
@@ -162,10 +164,11 @@ class StopSignals:
 
 
 def _check_saved_config(config: Config, workdir: str) -> None:
+    """Refuses to resume a run whose saved setup differs from the requested one."""
     try:
         saved = Config.load(workdir)
     except FileNotFoundError:
-        return
+        raise RunError(f"workdir {workdir!r} has checkpoints but no config.json: use another --workdir") from None
     except ValueError as error:
         raise RunError(str(error)) from None
     differences = saved.differences(config, RESUME_FIELDS)
@@ -173,6 +176,23 @@ def _check_saved_config(config: Config, workdir: str) -> None:
         listed = "; ".join(f"{k}: saved {a!r}, requested {b!r}" for k, (a, b) in differences.items())
         raise RunError(f"workdir {workdir!r} holds a run with a different setup ({listed}). Use another "
                        f"--workdir for a fresh run, or the saved options to resume this one.")
+
+
+def check_input_shape(model: nnx.Module, image_shape: tuple[int, int, int]) -> None:
+    """Traces one training forward pass on abstract images, so a wrong image size or channel count
+    fails here with the model's message, before anything is written."""
+    graphdef, variables = nnx.split(model)
+
+    def forward(variables, images):
+        model = nnx.merge(graphdef, variables, copy=True)
+        model.train()
+        return model(images)
+
+    try:
+        jax.eval_shape(forward, variables, jax.ShapeDtypeStruct((2, *image_shape), jnp.float32))
+    except ValueError as error:
+        raise RunError(f"the {type(model).__name__} model cannot take this dataset's images "
+                       f"{tuple(image_shape)}: {error}") from None
 
 
 def _read_history(path: str, completed_epochs: int) -> list[dict]:
@@ -205,29 +225,35 @@ def train_and_evaluate(config: Config) -> dict:
     """
     setup_jax(config)
     workdir = config.run_dir
-    _check_saved_config(config, workdir)
     dataset = load_data(config)
     loss_fn = loss_function(config, dataset)
     mesh = training.data_mesh()
     if config.batch_size % mesh.size:
         raise RunError(f"--batch-size {config.batch_size} must be a multiple of the {mesh.size} devices")
     steps_per_epoch = pipeline.num_batches(dataset, "train", config.batch_size, train=True)
+    pipeline.num_batches(dataset, "validation", config.batch_size, train=False)  # fails now, not after epoch 1
     standardize = dataset.target_stats() if dataset.task == "regression" and config.standardize else None
 
     model = build_model(config, dataset)
+    check_input_shape(model, dataset.image_shape)
     state = training.TrainState.create(model, build_optimizer(config, steps_per_epoch))
-    config.save(workdir)
+    # Everything is checked: only now is anything written to the workdir.
     checkpointer = Checkpointer(workdir)
     epoch, start_batch, partial = 1, 0, None
     history_path = os.path.join(workdir, METRICS_FILE)
     history: list[dict] = []
     if checkpointer.latest_step() is not None:
-        state, record = checkpointer.restore(state)
+        _check_saved_config(config, workdir)
+        try:
+            state, record = checkpointer.restore(state)
+        except ValueError as error:
+            raise RunError(str(error)) from None
         epoch, start_batch = record["epoch"] + 1, record["batch"]
         partial = record.get("partial")
         history = _read_history(history_path, record["epoch"])
         print(f"Resuming from {checkpointer.directory} step {int(state.step)}: epoch {epoch}, batch "
               f"{start_batch}", flush=True)
+    config.save(workdir)
     _write_history(history_path, history)
     state = training.replicate(state, mesh)
     train_step, eval_step = training.make_train_step(loss_fn), training.make_eval_step(loss_fn)
@@ -265,7 +291,8 @@ def train_and_evaluate(config: Config) -> dict:
             if summary["nonfinite"] and config.on_nan == "stop":
                 checkpointer.close()
                 raise RunError(
-                    f"the loss became NaN or Inf in epoch {epoch} (by step {int(state.step)}); the last good "
+                    f"the loss became NaN or Inf at step {summary.get('first_nonfinite_step', '?')} in epoch "
+                    f"{epoch}; training stopped and the last good "
                     f"checkpoint in {checkpointer.directory} is kept. Try a lower learning rate (--lr "
                     f"{config.lr / 10:g}) or --on-nan skip.", exit_code=3)
             if not finished:
@@ -317,6 +344,8 @@ def evaluate_run(workdir: str, *, step: int | None = None, which: str = "best", 
     predictions_<split>.csv and predictions_<split>.png, and returns the report."""
     if not os.path.isdir(workdir):
         raise RunError(f"workdir {workdir!r} does not exist: train first (python train.py --workdir ...)")
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise RunError(f"no checkpoints folder in {workdir!r}: train first, or check --workdir")
     try:
         config = Config.load(workdir)
     except (FileNotFoundError, ValueError) as error:

@@ -21,6 +21,7 @@ LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 # torchvision's reference training weights the auxiliary classifier's loss by 0.4.
 AUX_LOSS_WEIGHT = 0.4
+NO_STEP = np.iinfo(np.int32).max
 
 
 @flax.struct.dataclass
@@ -93,7 +94,10 @@ def make_train_step(loss_fn: LossFn, *, donate: bool = True) -> Callable[[TrainS
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params, value=total)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(params=params, rest=rest, opt_state=opt_state, step=state.step + 1)
-        return new_state, _sums(loss, mask)
+        metrics = _sums(loss, mask)
+        # Which step first went bad, kept on the device (min over the epoch): no host sync per step.
+        metrics["first_nonfinite_step"] = jnp.where(jnp.isfinite(loss), NO_STEP, new_state.step)
+        return new_state, metrics
 
     return jax.jit(train_step, donate_argnums=(0,) if donate else ())
 
@@ -136,8 +140,11 @@ def shard_batch(batch: Batch, mesh: Mesh) -> Batch:
 
 
 def _accumulate(total: Metrics | None, metrics: Metrics) -> Metrics:
-    # Stays on the device: no host sync per step.
-    return metrics if total is None else jax.tree.map(jnp.add, total, metrics)
+    # Stays on the device: no host sync per step. Sums, except the first bad step (a minimum).
+    if total is None:
+        return metrics
+    return {key: jnp.minimum(total[key], value) if key.startswith("first_") else total[key] + value
+            for key, value in metrics.items()}
 
 
 def summarize(total: Metrics | None) -> dict[str, float]:
@@ -146,8 +153,11 @@ def summarize(total: Metrics | None) -> dict[str, float]:
         return {"loss": float("nan"), "count": 0, "nonfinite": 0}
     total = jax.device_get(total)
     count = float(total["count"])
-    return {"loss": float(total["loss_sum"]) / max(count, 1.0), "count": int(count),
-            "nonfinite": int(total["nonfinite"])}
+    summary = {"loss": float(total["loss_sum"]) / max(count, 1.0), "count": int(count),
+               "nonfinite": int(total["nonfinite"])}
+    if "first_nonfinite_step" in total and int(total["first_nonfinite_step"]) != NO_STEP:
+        summary["first_nonfinite_step"] = int(total["first_nonfinite_step"])
+    return summary
 
 
 def train_epoch(
