@@ -1,0 +1,300 @@
+"""Inception3: the same function as torchvision's given the same weights, torchvision's init, counts and shape errors.
+
+Forward passes are few and shared (module-scoped fixtures): each new input shape costs seconds of compilation.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxnets.convert import export_to_torch_state_dict, inception3_from_torch
+from jaxnets.models.inception import BatchNorm2d, Inception3, _linear_head, _transform_input
+
+forward = nnx.jit(lambda model, images: model(images))
+
+
+def relative_error(actual, expected) -> float:
+    """max |actual - expected| / max |expected|: the issue's parity measure."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+def nhwc(images_nchw: np.ndarray) -> jax.Array:
+    return jnp.asarray(images_nchw.transpose(0, 2, 3, 1))
+
+
+def torchvision_inception3(torch, images, *, num_outputs, in_channels=3, aux_logits=True, dropout=0.5):
+    """A random-init torchvision Inception3 (users' variant when in_channels != 3) in eval mode.
+
+    Running statistics are fitted to `images` (random-init activations otherwise grow ~5x per layer), then moved
+    away by +-20 %, and BatchNorm scales/biases moved away from 1/0, so that every imported number matters.
+    """
+    from torchvision.models import Inception3 as TorchInception3
+
+    torch.manual_seed(0)
+    model = TorchInception3(num_classes=num_outputs, aux_logits=aux_logits, init_weights=True, dropout=dropout)
+    if in_channels != 3:  # what the lens-regression users do: a grayscale first convolution and a new fc
+        model.Conv2d_1a_3x3.conv = torch.nn.Conv2d(in_channels, 32, kernel_size=3, stride=2, bias=False)
+        model.fc = torch.nn.Linear(2048, num_outputs)
+    batchnorms = [module for module in model.modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    for bn in batchnorms:
+        bn.momentum = 1.0  # the running statistics become this batch's
+    model.train()
+    with torch.no_grad():
+        model(torch.from_numpy(images))
+    with torch.no_grad():
+        for bn in batchnorms:
+            bn.momentum = 0.1
+            bn.running_mean.mul_(torch.empty_like(bn.running_mean).uniform_(0.8, 1.2))
+            bn.running_var.mul_(torch.empty_like(bn.running_var).uniform_(0.8, 1.2))
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def rgb_pair(torch):
+    """torchvision's own Inception3 (3x299x299, aux head, 10 outputs) and its conversion, batch of 2."""
+    images = np.random.default_rng(0).normal(size=(2, 3, 299, 299)).astype(np.float32)
+    # No dropout: train-mode outputs must be comparable (torch and JAX draw different masks).
+    torch_model = torchvision_inception3(torch, images, num_outputs=10, dropout=0.0)
+    model = inception3_from_torch(torch_model.state_dict(), dropout=0.0)
+    return torch_model, model, images
+
+
+@pytest.fixture(scope="module")
+def gray_pair(torch):
+    """The lens users' variant: 1x128x128 images, 1-channel first conv, fc to 4 outputs, no aux, dropout 0.5."""
+    images = np.random.default_rng(1).normal(size=(2, 1, 128, 128)).astype(np.float32)
+    torch_model = torchvision_inception3(torch, images, num_outputs=4, in_channels=1, aux_logits=False)
+    model = inception3_from_torch(torch_model.state_dict())
+    return torch_model, model, images
+
+
+def test_eval_outputs_match_torchvision_3x299_with_aux(torch, rgb_pair):
+    torch_model, model, images = rgb_pair
+    with torch.no_grad():
+        expected = torch_model.eval()(torch.from_numpy(images)).numpy()
+    model.eval()
+    outputs = forward(model, nhwc(images))
+    assert outputs.shape == (2, 10) and outputs.dtype == jnp.float32
+    assert relative_error(outputs, expected) <= 1e-4
+
+
+def test_train_outputs_aux_and_running_statistics_match_torchvision(torch, rgb_pair):
+    torch_model, model, images = rgb_pair
+    torch_model.train()
+    with torch.no_grad():
+        expected, expected_aux = torch_model(torch.from_numpy(images))
+    before = export_to_torch_state_dict(model)
+    model.train()
+    outputs, aux_outputs = forward(model, nhwc(images))
+
+    assert outputs.shape == aux_outputs.shape == (2, 10)
+    assert relative_error(outputs, expected.numpy()) <= 1e-4
+    # The aux head's last BatchNorm normalises 2 values per channel (batch 2, 1x1 grid); where the two nearly
+    # coincide it amplifies float rounding upstream (~2e-4 measured); the head alone matches to 1e-5 (next test).
+    assert relative_error(aux_outputs, expected_aux.numpy()) <= 1e-3
+
+    # Running statistics moved as torch's: momentum 0.1, unbiased variance, one more batch counted.
+    after, expected_state = export_to_torch_state_dict(model), torch_model.state_dict()
+    for name, value in expected_state.items():
+        if name.endswith(("running_mean", "running_var")):
+            assert relative_error(after[name].numpy(), value.numpy()) <= 1e-4, name
+            assert not torch.equal(after[name], before[name]), name
+        elif name.endswith("num_batches_tracked"):
+            assert int(after[name]) == int(value) == int(before[name]) + 1, name
+    torch_model.eval()
+    model.eval()
+
+
+def test_aux_head_matches_torchvision_in_train_mode(torch, rgb_pair):
+    torch_model, model, _ = rgb_pair
+    features = np.abs(np.random.default_rng(2).normal(size=(2, 768, 17, 17))).astype(np.float32)
+    torch_model.train()
+    model.train()
+    with torch.no_grad():
+        expected = torch_model.AuxLogits(torch.from_numpy(features)).numpy()
+    outputs = model.AuxLogits(nhwc(features))
+    torch_model.eval()
+    model.eval()
+    assert outputs.shape == (2, 10)
+    assert relative_error(outputs, expected) <= 1e-4
+
+
+def test_eval_outputs_match_torchvision_1x128_grayscale(torch, gray_pair):
+    torch_model, model, images = gray_pair
+    with torch.no_grad():
+        expected = torch_model(torch.from_numpy(images)).numpy()
+    model.eval()
+    outputs = forward(model, nhwc(images))
+    assert outputs.shape == (2, 4)
+    # dropout=0.5 in this model: matching torch's eval outputs also shows dropout is off in eval mode.
+    assert relative_error(outputs, expected) <= 1e-4
+
+
+def test_jitted_train_step_uses_dropout_updates_state_and_ignores_masked_rows(gray_pair):
+    """The training loop's pattern (split once, plain jax.jit, merge with copy=True) in train mode."""
+    _, model, images = gray_pair
+    model.train()
+    graphdef, params, state = nnx.split(model, nnx.Param, ...)
+    model.eval()
+
+    @jax.jit
+    def step(params, state, images, mask):
+        model = nnx.merge(graphdef, params, state, copy=True)
+        outputs = model(images, mask=mask)
+        return outputs, nnx.state(model, nnx.Not(nnx.Param))
+
+    mask = jnp.array([True, False])
+    first = nhwc(images)
+    other = first.at[1].set(-first[1] * 3.0)  # a different padding row
+    outputs, new_state = step(params, state, first, mask)
+    outputs_other, new_state_other = step(params, state, other, mask)
+    outputs_again, _ = step(params, new_state, first, mask)
+
+    # The masked row changes neither the state nor the real row's outputs.
+    np.testing.assert_array_equal(outputs[0], outputs_other[0])
+    jax.tree.map(np.testing.assert_array_equal, as_numbers(new_state), as_numbers(new_state_other))
+    bn = new_state["Conv2d_1a_3x3"]["bn"]
+    assert int(bn["num_batches_tracked"][...]) == int(state["Conv2d_1a_3x3"]["bn"]["num_batches_tracked"][...]) + 1
+    assert not np.allclose(bn["mean"][...], state["Conv2d_1a_3x3"]["bn"]["mean"][...])
+    # Same inputs, next dropout draw: train-mode outputs differ only through dropout (batch statistics don't
+    # depend on the running ones).
+    assert not np.allclose(outputs[0], outputs_again[0])
+
+
+def as_numbers(state):
+    """A state's leaves as plain arrays (PRNG keys as their key data), for exact comparison."""
+    return [
+        jax.random.key_data(leaf) if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf
+        for leaf in jax.tree.leaves(state)
+    ]
+
+
+def test_batchnorm_mask_counts_only_real_rows():
+    x = jax.random.normal(jax.random.key(0), (3, 5, 5, 4)) * 2.0 + 1.0
+    masked, alone = BatchNorm2d(4, rngs=nnx.Rngs(0)), BatchNorm2d(4, rngs=nnx.Rngs(0))
+    y_masked = masked(x, jnp.array([True, True, False]).reshape(3, 1, 1, 1))
+    y_alone = alone(x[:2])
+    np.testing.assert_allclose(y_masked[:2], y_alone, rtol=1e-5, atol=1e-6)
+    real = np.asarray(x[:2], np.float64)
+    np.testing.assert_allclose(masked.mean[...], 0.1 * real.mean((0, 1, 2)), rtol=1e-5)
+    # torch's running variance: 0.9 * 1 + 0.1 * unbiased variance over the 2 * 5 * 5 real values per channel.
+    np.testing.assert_allclose(masked.var[...], 0.9 + 0.1 * real.var((0, 1, 2), ddof=1), rtol=1e-5)
+    np.testing.assert_allclose(alone.var[...], masked.var[...], rtol=1e-6)
+
+
+def test_transform_input_matches_torchvision(torch, rgb_pair):
+    torch_model, _, images = rgb_pair
+    corner = images[:, :, :4, :4]
+    torch_model.transform_input = True
+    expected = torch_model._transform_input(torch.from_numpy(corner)).numpy()
+    torch_model.transform_input = False
+    np.testing.assert_allclose(_transform_input(nhwc(corner)), expected.transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-7)
+
+
+def parameter_count(model) -> int:
+    return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@pytest.fixture(scope="module")
+def abstract_model():
+    """torchvision's default configuration with bf16 computation, shapes only (no weights drawn)."""
+    return nnx.eval_shape(lambda: Inception3(1000, aux_logits=True, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+
+
+def test_parameter_counts_equal_torchvision(abstract_model, rgb_pair):
+    assert parameter_count(abstract_model) == 27_161_264
+    assert parameter_count(abstract_model) - parameter_count(abstract_model.AuxLogits) == 23_834_568
+    torch_model, model, _ = rgb_pair
+    assert parameter_count(model) == sum(p.numel() for p in torch_model.parameters()) == 24_371_444
+    head = nnx.eval_shape(lambda: _linear_head((1024, 512), 4, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    assert parameter_count(head) == (2048 * 1024 + 1024) + (1024 * 512 + 512) + (512 * 4 + 4)
+
+
+def test_bfloat16_computation_gives_float32_outputs(abstract_model):
+    abstract_model.eval()
+    images = jax.ShapeDtypeStruct((2, 75, 75, 3), jnp.float32)
+    outputs = nnx.eval_shape(lambda model, images: model(images), abstract_model, images)
+    assert outputs.shape == (2, 1000) and outputs.dtype == jnp.float32
+    params = jax.tree.leaves(nnx.state(abstract_model, nnx.Param))
+    assert {leaf.dtype for leaf in params} == {jnp.dtype(jnp.float32)}  # bf16 is the computation dtype only
+
+
+def test_initialisation_follows_torchvision():
+    model = Inception3(4, aux_logits=True, head_features=(1024, 512), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    conv_kernels = [
+        np.asarray(node[...]) for path, node in nnx.iter_graph(model) if path[-2:] == ("conv", "kernel")
+    ]
+    assert len(conv_kernels) == 94 + 2  # torchvision's BasicConv2d layers, aux head included
+    kernels = np.concatenate([kernel.ravel() for kernel in conv_kernels])
+    # torch's trunc_normal_(std=0.1, a=-2, b=2): a normal with std 0.1 (the cut is 20 stds away).
+    assert abs(kernels.std() - 0.1) < 0.001 and abs(kernels.mean()) < 0.001
+    assert abs(np.mean(np.abs(kernels) > 0.2) - 0.0455) < 0.002  # 2-sigma tail of an untruncated normal
+    assert abs(np.asarray(model.AuxLogits.fc.kernel[...]).std() - 0.001) < 0.0001
+    # Linear biases keep torch's default uniform(+-1/sqrt(fan_in)).
+    aux_bias = np.asarray(model.AuxLogits.fc.bias[...])
+    assert np.all(np.abs(aux_bias) <= 1 / np.sqrt(768)) and np.abs(aux_bias).max() > 0.3 / np.sqrt(768)
+    # The CosmoML head replaces torchvision's fc after construction: nn.Linear's own uniform init throughout.
+    layers = [layer for layer in model.fc.layers if isinstance(layer, nnx.Linear)]
+    assert [(layer.in_features, layer.out_features) for layer in layers] == [(2048, 1024), (1024, 512), (512, 4)]
+    for layer in layers[:2]:
+        bound = 1 / np.sqrt(layer.in_features)
+        kernel = np.asarray(layer.kernel[...])
+        assert np.abs(kernel).max() <= bound and abs(kernel.std() - bound / np.sqrt(3)) < 0.01 * bound
+    bn = model.Mixed_7c.branch_pool.bn
+    np.testing.assert_array_equal(bn.scale[...], 1.0)
+    np.testing.assert_array_equal(bn.bias[...], 0.0)
+    np.testing.assert_array_equal(bn.mean[...], 0.0)
+    np.testing.assert_array_equal(bn.var[...], 1.0)
+    assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}
+
+
+def test_plain_fc_uses_torchvision_init():
+    fc = _linear_head((), 1000, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    assert abs(np.asarray(fc.kernel[...]).std() - 0.1) < 0.001  # trunc_normal_(std=0.1), 2048 x 1000 draws
+    bias = np.asarray(fc.bias[...])
+    assert np.all(np.abs(bias) <= 1 / np.sqrt(2048)) and np.abs(bias).max() > 0.9 / np.sqrt(2048)
+
+
+def test_shape_errors_name_what_was_expected(gray_pair, rgb_pair):
+    _, gray, _ = gray_pair
+    _, rgb, _ = rgb_pair
+    gray.eval()
+    with pytest.raises(ValueError, match="1 channel"):
+        gray(jnp.zeros((2, 128, 128, 3)))
+    with pytest.raises(ValueError, match="1 channel"):
+        gray(jnp.zeros((2, 1, 128, 128)))  # NCHW by mistake
+    with pytest.raises(ValueError, match=r"\[batch, height, width, channels\]"):
+        gray(jnp.zeros((128, 128, 1)))
+    with pytest.raises(ValueError, match="at least 75x75"):
+        gray(jnp.zeros((2, 74, 200, 1)))
+    with pytest.raises(ValueError, match="mask"):
+        gray(jnp.zeros((2, 128, 128, 1)), mask=jnp.ones((3,), bool))
+    gray.train()
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        gray(jnp.zeros((1, 75, 75, 1)))
+    gray.eval()
+    rgb.train()
+    with pytest.raises(ValueError, match="aux_logits in train mode needs images of at least 299x299"):
+        rgb(jnp.zeros((2, 298, 299, 3)))
+    rgb.eval()
+    with pytest.raises(ValueError, match="transform_input"):
+        Inception3(4, in_channels=1, transform_input=True, rngs=nnx.Rngs(0))
+
+
+def test_train_and_eval_set_modes_everywhere(gray_pair):
+    _, model, _ = gray_pair
+    model.train()
+    assert model.training and not model.dropout.deterministic
+    assert not model.Mixed_7c.branch_pool.bn.use_running_average
+    ones = jnp.ones((1, 2048))
+    dropped = np.asarray(model.dropout(ones))
+    assert set(np.unique(dropped)) == {0.0, 2.0}  # rate 0.5, survivors scaled by 1 / (1 - 0.5)
+    model.eval()
+    assert not model.training and model.dropout.deterministic
+    assert model.Mixed_7c.branch_pool.bn.use_running_average
+    np.testing.assert_array_equal(model.dropout(ones), ones)
