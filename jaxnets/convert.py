@@ -1,4 +1,4 @@
-"""PyTorch (torchvision) Inception3 weights to jaxnets' Inception3 and back: state_dict import, checkpoint loading, export.
+"""torchvision Inception3 weights into jaxnets' Inception3 and back: state_dict import, checkpoint reading, export.
 
 torch is imported only inside the functions that need it: it is a test/interop dependency, not a runtime one.
 """
@@ -66,7 +66,8 @@ def inception3_from_torch(state_dict: Mapping[str, Any], **model_kwargs: Any) ->
     for name, variable in variables.items():
         shape, dtype = variable.get_value().shape, variable.get_value().dtype
         value = _from_torch_layout(arrays[name]) if name in arrays else np.zeros(shape)
-        # jnp.array copies: jnp.asarray can alias a torch tensor's memory, which torch then updates in place.
+        # jnp.array copies: on CPU jnp.asarray may alias the host buffer, which torch (running statistics) or
+        # the caller may later change in place.
         variable.set_value(jnp.array(value, dtype))
     # eval_shape left the dropout stream abstract too: give it a real key.
     nnx.reseed(model, default=rngs.dropout() if rngs is not None else 0)
@@ -79,8 +80,9 @@ def export_to_torch_state_dict(model: Inception3) -> dict[str, Any]:
     Values are torch tensors when torch is importable (so `torch_model.load_state_dict(...)` works directly),
     numpy arrays otherwise. Keys are sorted by module (torch matches by name, not position).
     """
+    # Own, contiguous copies: a view of a JAX buffer dies with it (a donating train step frees it).
     arrays = {
-        name: _to_torch_layout(np.asarray(variable.get_value()))
+        name: np.array(_to_torch_layout(np.asarray(variable.get_value())), order="C")
         for name, variable in _torch_named_variables(model).items()
     }
     for name in arrays:
@@ -90,7 +92,7 @@ def export_to_torch_state_dict(model: Inception3) -> dict[str, Any]:
         import torch
     except ImportError:
         return arrays
-    return {name: torch.from_numpy(np.array(value)) for name, value in arrays.items()}
+    return {name: torch.from_numpy(value) for name, value in arrays.items()}
 
 
 def load_torch_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
@@ -159,7 +161,7 @@ def _infer_model_kwargs(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 
 def _torch_named_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
-    """torch state_dict name -> our Param/BatchStat; modules sorted by name, each layer's entries in torch's order."""
+    """torch state_dict name -> our Param/BatchStat: modules sorted by name, a layer's entries in torch's order."""
     graph = list(nnx.iter_graph(model))
     sequentials = {path for path, node in graph if isinstance(node, nnx.Sequential)}
     named = []
@@ -200,7 +202,7 @@ def _to_numpy(value: Any) -> np.ndarray:
         value = value.detach().cpu()
         if str(value.dtype) == "torch.bfloat16":  # numpy has no bfloat16
             value = value.float()
-        return value.numpy().copy()  # our own copy: torch updates buffers (running stats) in place
+        return value.numpy()
     return np.asarray(value)
 
 

@@ -89,7 +89,8 @@ def test_layouts_and_batchnorm_statistics_land_where_torch_has_them(torchvision_
 
 def test_cosmoml_variant_is_inferred_and_round_trips(torch, cosmoml_model, converted_cosmoml):
     expected, model = cosmoml_model.state_dict(), converted_cosmoml
-    assert (model.in_channels, model.num_outputs, model.aux_logits, model.head_features) == (1, 4, False, (1024, 512))
+    inferred = (model.in_channels, model.num_outputs, model.aux_logits, model.head_features)
+    assert inferred == (1, 4, False, (1024, 512))
     assert_state_dicts_equal(torch, export_to_torch_state_dict(model), expected)
     # The head computes what torch's does (the trunk's parity is tests/test_inception.py's job).
     features = np.random.default_rng(0).normal(size=(3, 2048)).astype(np.float32)
@@ -144,7 +145,7 @@ def test_load_torch_checkpoint_finds_the_state_dict(torch, tmp_path, cosmoml_mod
         "training.pt": {"epoch": 3, "model": state, "optimizer": {"lr": 1e-3}},
         "lightning.pth": {"state_dict": state},
         "dataparallel.pt": {"module." + name: value for name, value in state.items()},
-        "bf16.pt": {name: value.to(torch.bfloat16) if value.is_floating_point() else value for name, value in state.items()},
+        "bf16.pt": {name: value.bfloat16() if value.is_floating_point() else value for name, value in state.items()},
     }
     for filename, content in layouts.items():
         torch.save(content, tmp_path / filename)

@@ -1,4 +1,4 @@
-"""Inception3: the same function as torchvision's given the same weights, torchvision's init, counts and shape errors.
+"""Inception3: torchvision's function given the same weights, torchvision's init and counts, clear shape errors.
 
 Forward passes are few and shared (module-scoped fixtures): each new input shape costs seconds of compilation.
 """
@@ -193,7 +193,8 @@ def test_transform_input_matches_torchvision(torch, rgb_pair):
     torch_model.transform_input = True
     expected = torch_model._transform_input(torch.from_numpy(corner)).numpy()
     torch_model.transform_input = False
-    np.testing.assert_allclose(_transform_input(nhwc(corner)), expected.transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-7)
+    actual = _transform_input(nhwc(corner))
+    np.testing.assert_allclose(actual, expected.transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-7)
 
 
 def parameter_count(model) -> int:

@@ -1,6 +1,6 @@
 """Inception3 (Inception v3) in Flax NNX, block for block torchvision's, on images [batch, height, width, channels].
 
-Attribute names mirror torchvision's state_dict keys (`Mixed_5b.branch1x1.conv`), so jaxnets.convert maps one to one.
+Attribute names mirror torchvision's state_dict keys (Mixed_5b.branch1x1.conv): jaxnets.convert maps one to one.
 """
 
 import math
@@ -437,9 +437,11 @@ class Inception3(nnx.Module):
         mask: optional [batch] bool; in train mode only rows where it is True enter the batch statistics
         (padding rows of a last, incomplete batch leave BatchNorm untouched).
         """
+        if mask is not None:
+            mask = jnp.asarray(mask, bool)
         self._check_inputs(images, mask)
         if mask is not None:
-            mask = jnp.asarray(mask, bool).reshape(-1, 1, 1, 1)
+            mask = mask.reshape(-1, 1, 1, 1)  # broadcasts over [batch, height, width, channels]
         x = images.astype(self.dtype)
         if self.transform_input:
             x = _transform_input(x)
