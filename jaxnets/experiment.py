@@ -25,8 +25,7 @@ from jaxnets import losses, metrics, report, training
 from jaxnets.checkpoint import Checkpointer
 from jaxnets.config import Config
 from jaxnets.data import pipeline
-from jaxnets.models import MLP
-from jaxnets.models.inception import Inception3
+from jaxnets.models import MLP, Inception3
 
 METRICS_FILE = "metrics.jsonl"
 # Fields that must agree between a saved run and a resumed one (the rest, e.g. epochs or lr, may change).

@@ -3,4 +3,4 @@
 from jaxnets.models.inception import Inception3
 from jaxnets.models.mlp import MLP
 
-__all__ = ["MLP"]
+__all__ = ["Inception3", "MLP"]
