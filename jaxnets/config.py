@@ -29,8 +29,8 @@ class Config:
     task: str | None = _option(
         None, "lens only: regress the parameters or classify the lens type", ("regression", "classification")
     )
-    image_size: int = _option(96, "side of the built-in lens images in pixels (Inception3 needs >= 75)")
-    num_train: int = _option(12000, "built-in lens dataset: training examples")
+    image_size: int = _option(75, "side of the built-in lens images in pixels (Inception3 needs >= 75)")
+    num_train: int = _option(8000, "built-in lens dataset: training examples")
     num_validation: int = _option(1000, "built-in lens dataset: validation examples")
     num_test: int = _option(1000, "built-in lens dataset: test examples")
     data_dir: str | None = _option(None, "TFDS data folder (default ~/tensorflow_datasets)")
@@ -38,7 +38,11 @@ class Config:
     # Model
     model: str = _option("inception3", "the network", ("inception3", "mlp"))
     hidden: str = _option("512,256", "mlp: comma-separated hidden layer sizes")
-    head_features: str = _option("", "inception3: extra head layers, e.g. 1024,512 (CosmoML); empty: plain fc")
+    # The CosmoML regression head learns the lens parameters within the CPU budget; torchvision's plain fc
+    # (init std 0.1, 2048 inputs, dropout 0.5) starts with outputs of std ~4 and did not learn in 1,500 steps
+    # (bench/learning_curve.py, measured 2026-11-27).
+    head_features: str = _option("1024,512", "inception3: head layers after the 2048 pooled features, as in "
+                                 "CosmoML (2048-1024-ReLU-512-ReLU-n); '' for torchvision's plain fc")
     dropout: float = _option(0.5, "inception3: dropout before the last layer")
     aux_logits: bool = _option(False, "inception3: torchvision's auxiliary classifier (needs >= 299 px)")
     init_from: str | None = _option(None, "a PyTorch Inception3 checkpoint (.pt/.pth state_dict) to start from")
