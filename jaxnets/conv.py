@@ -1,0 +1,197 @@
+"""Two-dimensional convolution (NHWC images, HWIO kernels) written the way each backend runs it fastest.
+
+On XLA:CPU a 1x1 convolution is a matrix product and a kxk one is im2col + a matrix product, with dots in the backward pass too; GPUs and TPUs keep lax.conv_general_dilated (cuDNN, native convolutions).
+"""
+
+import functools
+import os
+from typing import Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+Implementation = Literal["auto", "lax", "dot"]
+
+# JAXNETS_CONV=lax|dot|auto overrides the default ("auto") for every call that does not name an implementation.
+IMPLEMENTATION_ENV = "JAXNETS_CONV"
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+# Why dots on CPU (jax 0.10.2, 2 cores, Inception3 b32 1x128^2, bench/conv_shapes.py): XLA:CPU sends a convolution to
+# YNNPACK or to Eigen's spatial convolution. Both reach 100-150 GFLOP/s forward on 13x13..61x61 grids but only
+# 25-90 GFLOP/s for the kernel gradient (a convolution whose window is the whole image) and 2-7 GFLOP/s for the
+# input gradient of stride-2 and 2x2-grid convolutions (Eigen fallback: ~600 ms of a ~2 s train step). Its dots
+# run at 130-170 GFLOP/s in float32 and 300-600 in bfloat16 (AMX/AVX512-BF16); lax's bfloat16 convolutions stay at
+# 60-150. What im2col costs is building the patches: XLA copies them at only 1-4 GB/s (concatenation along the
+# channel axis), so on big grids with few output channels (the stem, 5x5 and 3x3 at 35x35) lax stays ahead.
+
+
+def conv2d(
+    images: jax.Array,
+    kernel: jax.Array,
+    strides: Sequence[int] = (1, 1),
+    padding: Sequence[Sequence[int]] = ((0, 0), (0, 0)),
+    *,
+    implementation: Implementation | None = None,
+    precision: lax.PrecisionLike = None,
+) -> jax.Array:
+    """Cross-correlation as torch's Conv2d (no bias) and lax.conv_general_dilated(..., ("NHWC", "HWIO", "NHWC")).
+
+    images: [batch, height, width, in_channels]; kernel: [kernel_height, kernel_width, in_channels, out_channels];
+    strides: (stride_height, stride_width); padding: ((top, bottom), (left, right)) rows/columns of zeros.
+    Returns [batch, out_height, out_width, out_channels] with out = (in + pad_low + pad_high - kernel) // stride + 1,
+    in the dtype of images and kernel (promoted). bfloat16 inputs are multiplied in bfloat16 and summed in float32.
+
+    implementation: "lax" (lax.conv_general_dilated), "dot" (im2col + matrix products, forward and backward), or
+    "auto" (the default, also read from $JAXNETS_CONV): "dot" on CPU, "lax" on GPU/TPU. Chosen at trace time.
+    """
+    strides = (int(strides[0]), int(strides[1]))
+    padding = ((int(padding[0][0]), int(padding[0][1])), (int(padding[1][0]), int(padding[1][1])))
+    _check_shapes(images, kernel, strides, padding)
+    dtype = jnp.result_type(images, kernel)
+    images, kernel = images.astype(dtype), kernel.astype(dtype)
+    if _resolve(implementation) == "lax":
+        return _conv_lax(images, kernel, strides, padding, precision)
+    return _conv_dot(images, kernel, strides, padding, precision)
+
+
+def _resolve(implementation: Implementation | None) -> str:
+    """"lax" or "dot": the argument, else $JAXNETS_CONV, else "auto", which is "dot" on CPU only."""
+    implementation = implementation or os.environ.get(IMPLEMENTATION_ENV) or "auto"
+    if implementation not in ("auto", "lax", "dot"):
+        raise ValueError(f"conv2d implementation must be 'auto', 'lax' or 'dot'; got {implementation!r}")
+    if implementation == "auto":
+        # Measured on the 2-core CPU (bench/conv_shapes.py; Inception3 train step b32 1x128^2): dots everywhere beat
+        # every mix that keeps lax for the big-grid, few-channel stem layers, in float32 and bfloat16.
+        return "dot" if jax.default_backend() == "cpu" else "lax"
+    return implementation
+
+
+def _check_shapes(images: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding) -> None:
+    if images.ndim != 4 or kernel.ndim != 4:
+        raise ValueError(
+            f"conv2d expects images [batch, height, width, channels] and kernel [height, width, in, out]; "
+            f"got shapes {tuple(images.shape)} and {tuple(kernel.shape)}"
+        )
+    if images.shape[3] != kernel.shape[2]:
+        raise ValueError(
+            f"images have {images.shape[3]} channels (last axis of {tuple(images.shape)}) but the kernel "
+            f"{tuple(kernel.shape)} expects {kernel.shape[2]} (its third axis, HWIO)"
+        )
+    for axis in (0, 1):
+        padded = images.shape[1 + axis] + sum(padding[axis])
+        if padded < kernel.shape[axis] or strides[axis] < 1:
+            raise ValueError(
+                f"a {kernel.shape[0]}x{kernel.shape[1]} kernel with stride {strides} and padding {padding} does not "
+                f"fit images of shape {tuple(images.shape)}"
+            )
+
+
+def _conv_lax(
+    images: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, precision
+) -> jax.Array:
+    return lax.conv_general_dilated(
+        images, kernel, strides, padding, dimension_numbers=_DIMENSION_NUMBERS, precision=precision
+    )
+
+
+def _accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype | None:
+    """float32 accumulation for 16-bit floats (bf16 dots run on AVX512-BF16/AMX at 2-3x float32's rate)."""
+    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else None
+
+
+def _matmul(a: jax.Array, b: jax.Array, contract_a: Sequence[int], contract_b: Sequence[int], precision, out_dtype):
+    """dot_general over the given axes, 16-bit inputs summed in float32, result cast to out_dtype."""
+    product = lax.dot_general(
+        a,
+        b,
+        ((tuple(contract_a), tuple(contract_b)), ((), ())),
+        precision=precision,
+        preferred_element_type=_accumulation_dtype(a.dtype),
+    )
+    return product.astype(out_dtype)
+
+
+def patches(
+    images: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int], padding: Padding
+) -> jax.Array:
+    """im2col: every kernel window of the zero-padded images as one row.
+
+    images: [batch, height, width, channels] -> [batch, out_height, out_width, kernel_h * kernel_w * channels],
+    ordered (row, column, channel) like an HWIO kernel reshaped to [kernel_h * kernel_w * channels, out].
+    """
+    kernel_h, kernel_w = kernel_size
+    if (kernel_h, kernel_w) == (1, 1) and strides == (1, 1) and padding == ((0, 0), (0, 0)):
+        return images
+    dtype = images.dtype
+    channels = images.shape[3]
+    # XLA copies the patches element by element, so two bfloat16 values moved as one 32-bit word take half the time
+    # (stem 3x3, 32 channels: 95 ms -> 58 ms); this is a pure copy, the bits are untouched.
+    as_words = jnp.dtype(dtype).itemsize == 2 and channels % 2 == 0
+    if as_words:
+        images = lax.bitcast_convert_type(images.reshape(*images.shape[:3], channels // 2, 2), jnp.uint32)
+    images = jnp.pad(images, ((0, 0), padding[0], padding[1], (0, 0)))
+    batch, height, width, words = images.shape
+    out_h = (height - kernel_h) // strides[0] + 1
+    out_w = (width - kernel_w) // strides[1] + 1
+    windows = [
+        lax.slice(
+            images,
+            (0, row, column, 0),
+            (batch, row + (out_h - 1) * strides[0] + 1, column + (out_w - 1) * strides[1] + 1, words),
+            (1, strides[0], strides[1], 1),
+        )
+        for row in range(kernel_h)
+        for column in range(kernel_w)
+    ]
+    columns = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=3)
+    if as_words:
+        columns = lax.bitcast_convert_type(columns, dtype).reshape(batch, out_h, out_w, -1)
+    return columns
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_dot(
+    images: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, precision
+) -> jax.Array:
+    """im2col + one matrix product: [batch * out_h * out_w, k_h * k_w * in] @ [k_h * k_w * in, out]."""
+    kernel_h, kernel_w, in_channels, out_channels = kernel.shape
+    columns = patches(images, (kernel_h, kernel_w), strides, padding)
+    weights = kernel.reshape(kernel_h * kernel_w * in_channels, out_channels)
+    return _matmul(columns, weights, (3,), (0,), precision, images.dtype)
+
+
+def _conv_dot_forward(images, kernel, strides, padding, precision):
+    return _conv_dot(images, kernel, strides, padding, precision), (images, kernel)
+
+
+def _conv_dot_backward(strides, padding, precision, residuals, output_grad):
+    """Both gradients as matrix products, the transposes of the forward one.
+
+    A custom rule rather than autodiff so bfloat16 stays bfloat16 into the dots: autodiff of a dot with float32
+    accumulation feeds the float32 cotangent in and upcasts the other operand, i.e. float32 dots (measured 40 vs
+    400 GFLOP/s for a 1x1 layer's backward).
+    """
+    images, kernel = residuals
+    kernel_h, kernel_w, in_channels, out_channels = kernel.shape
+    weights = kernel.reshape(kernel_h * kernel_w * in_channels, out_channels)
+
+    # d columns = d output @ weights^T, then col2im adds each window's share back onto the image. For 16-bit inputs
+    # both stay in float32 (XLA adds float32 much faster than bfloat16) and the image gradient is rounded once.
+    accumulate = _accumulation_dtype(images.dtype) or images.dtype
+    columns_grad = _matmul(output_grad, weights, (3,), (1,), precision, accumulate)
+    col2im = jax.linear_transpose(
+        lambda x: patches(x, (kernel_h, kernel_w), strides, padding), jax.ShapeDtypeStruct(images.shape, accumulate)
+    )
+    images_grad = col2im(columns_grad)[0].astype(images.dtype)
+
+    # d weights = columns^T @ d output, summed over batch and grid: [k_h * k_w * in, out]. Written as
+    # (d output^T @ columns)^T: XLA's dot wants its left operand's contracted axis innermost, so this way it
+    # transposes d output (out channels wide) instead of the k_h * k_w times wider columns (train step -12%).
+    columns = patches(images, (kernel_h, kernel_w), strides, padding)
+    kernel_grad = _matmul(output_grad, columns, (0, 1, 2), (0, 1, 2), precision, kernel.dtype).T
+    return images_grad, kernel_grad.reshape(kernel.shape)
+
+
+_conv_dot.defvjp(_conv_dot_forward, _conv_dot_backward)

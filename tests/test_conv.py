@@ -1,0 +1,150 @@
+"""jaxnets.conv.conv2d against lax.conv_general_dilated: values and gradients for every Inception3 shape class,
+float32 and bfloat16, both implementations, jit, the $JAXNETS_CONV override and shape errors."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jaxnets.conv import conv2d, patches
+
+# (images shape, kernel shape HWIO, strides, padding): the classes Inception3 uses, on small grids.
+SHAPE_CLASSES = {
+    "1x1": ((2, 7, 7, 6), (1, 1, 6, 5), (1, 1), ((0, 0), (0, 0))),
+    "3x3": ((2, 9, 9, 4), (3, 3, 4, 5), (1, 1), ((0, 0), (0, 0))),
+    "3x3 pad 1": ((2, 9, 9, 4), (3, 3, 4, 5), (1, 1), ((1, 1), (1, 1))),
+    "3x3 stride 2": ((2, 9, 9, 4), (3, 3, 4, 5), (2, 2), ((0, 0), (0, 0))),
+    "3x3 stride 2 even grid": ((2, 10, 8, 4), (3, 3, 4, 5), (2, 2), ((0, 0), (0, 0))),
+    "1x7 pad 0,3": ((2, 6, 6, 4), (1, 7, 4, 5), (1, 1), ((0, 0), (3, 3))),
+    "7x1 pad 3,0": ((2, 6, 6, 4), (7, 1, 4, 5), (1, 1), ((3, 3), (0, 0))),
+    "1x3 pad 0,1 on 2x2": ((2, 2, 2, 4), (1, 3, 4, 5), (1, 1), ((0, 0), (1, 1))),
+    "3x3 pad 1 on 2x2": ((2, 2, 2, 4), (3, 3, 4, 5), (1, 1), ((1, 1), (1, 1))),
+    "5x5 pad 2": ((2, 7, 7, 4), (5, 5, 4, 5), (1, 1), ((2, 2), (2, 2))),
+    "5x5 on 5x5 (aux head)": ((2, 5, 5, 4), (5, 5, 4, 5), (1, 1), ((0, 0), (0, 0))),
+    "asymmetric pad, stride 1x2": ((2, 8, 9, 4), (3, 2, 4, 5), (1, 2), ((2, 0), (0, 1))),
+}
+IMPLEMENTATIONS = ("dot", "auto", "lax")
+
+
+def _lax_conv(images, kernel, strides, padding):
+    """The reference, with float32 accumulation so bfloat16 inputs are compared with an exact-as-possible sum."""
+    return lax.conv_general_dilated(
+        images, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST,
+    )
+
+
+def _relative_error(value, reference) -> float:
+    value, reference = np.asarray(value, np.float64), np.asarray(reference, np.float64)
+    return float(np.max(np.abs(value - reference)) / np.max(np.abs(reference)))
+
+
+def _inputs(shape_class: str, dtype):
+    images_shape, kernel_shape, strides, padding = SHAPE_CLASSES[shape_class]
+    rng = np.random.default_rng(sum(map(ord, shape_class)))
+    images = jnp.asarray(rng.standard_normal(images_shape), dtype)
+    kernel = jnp.asarray(rng.standard_normal(kernel_shape) / np.sqrt(np.prod(kernel_shape[:3])), dtype)
+    output_shape = jax.eval_shape(lambda: _lax_conv(images, kernel, strides, padding)).shape
+    output_grad = jnp.asarray(rng.standard_normal(output_shape), dtype)
+    return images, kernel, strides, padding, output_grad
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("shape_class", SHAPE_CLASSES)
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+def test_values_and_gradients_match_lax(shape_class, implementation, dtype, tolerance):
+    images, kernel, strides, padding, output_grad = _inputs(shape_class, dtype)
+    conv = lambda x, w: conv2d(x, w, strides, padding, implementation=implementation)
+    output, vjp = jax.vjp(jax.jit(conv), images, kernel)
+    images_grad, kernel_grad = jax.jit(vjp)(output_grad)
+
+    # bfloat16 is compared with float32 maths on the same (already rounded) inputs: only the output rounding and,
+    # for lax's bfloat16 convolutions, their own accumulation differ.
+    f32 = lambda a: a.astype(jnp.float32)
+    reference, reference_vjp = jax.vjp(lambda x, w: _lax_conv(x, w, strides, padding), f32(images), f32(kernel))
+    reference_images_grad, reference_kernel_grad = reference_vjp(f32(output_grad))
+
+    assert output.shape == reference.shape and output.dtype == dtype
+    assert images_grad.dtype == dtype and kernel_grad.dtype == dtype
+    assert _relative_error(output, reference) <= tolerance
+    assert _relative_error(images_grad, reference_images_grad) <= tolerance
+    assert _relative_error(kernel_grad, reference_kernel_grad) <= tolerance
+
+
+@pytest.mark.parametrize("implementation", ("dot", "lax"))
+def test_jax_grad_of_a_scalar_loss_matches_lax(implementation):
+    images, kernel, strides, padding, _ = _inputs("3x3 stride 2", jnp.float32)
+    loss = lambda conv: (lambda x, w: jnp.sum(jnp.tanh(conv(x, w))))
+    grads = jax.jit(jax.grad(loss(lambda x, w: conv2d(x, w, strides, padding, implementation=implementation)),
+                             argnums=(0, 1)))(images, kernel)
+    reference = jax.grad(loss(lambda x, w: _lax_conv(x, w, strides, padding)), argnums=(0, 1))(images, kernel)
+    for grad, expected in zip(grads, reference):
+        assert _relative_error(grad, expected) <= 1e-5
+
+
+def test_patches_rows_match_an_hwio_kernel_reshaped():
+    """Each patch row holds window values in (row, column, channel) order, so it dots with kernel.reshape(-1, out)."""
+    images = jnp.arange(2 * 4 * 5 * 3, dtype=jnp.float32).reshape(2, 4, 5, 3)
+    columns = patches(images, (2, 3), (1, 2), ((1, 0), (0, 0)))
+    assert columns.shape == (2, 4, 2, 2 * 3 * 3)
+    padded = np.pad(np.asarray(images), ((0, 0), (1, 0), (0, 0), (0, 0)))
+    np.testing.assert_array_equal(columns[1, 2, 1], padded[1, 2:4, 2:5, :].reshape(-1))
+
+
+def test_patches_of_bfloat16_are_bit_exact():
+    """bfloat16 patches are moved as pairs packed into 32-bit words: the values must come back untouched."""
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 5, 6)), jnp.bfloat16)
+    columns = patches(images, (3, 3), (1, 1), ((1, 1), (1, 1)))
+    expected = patches(images.astype(jnp.float32), (3, 3), (1, 1), ((1, 1), (1, 1)))
+    np.testing.assert_array_equal(np.asarray(columns, np.float32), np.asarray(expected))
+
+
+def _dots_in(hlo: str) -> list[str]:
+    return re.findall(r"stablehlo\.dot_general[^\n]*", hlo)
+
+
+def test_bfloat16_backward_multiplies_bfloat16_and_sums_in_float32():
+    """The custom gradient keeps every dot's inputs bfloat16 (autodiff would upcast them to float32 dots)."""
+    images, kernel, strides, padding, output_grad = _inputs("3x3 pad 1", jnp.bfloat16)
+    backward = jax.jit(lambda x, w, g: jax.vjp(lambda a, b: conv2d(a, b, strides, padding, implementation="dot"),
+                                               x, w)[1](g))
+    dots = _dots_in(backward.lower(images, kernel, output_grad).as_text())
+    assert len(dots) == 2  # input gradient and kernel gradient; no convolution
+    for dot in dots:
+        operand_types = re.search(r":\s*\((.*)\)\s*->\s*(\S+)", dot)
+        assert operand_types.group(1).count("xbf16>") == 2, dot
+        assert operand_types.group(2).endswith("xf32>"), dot
+
+
+def test_environment_variable_chooses_the_implementation(monkeypatch):
+    images, kernel, strides, padding, _ = _inputs("3x3", jnp.float32)
+    lowered = lambda: jax.jit(lambda x, w: conv2d(x, w, strides, padding)).lower(images, kernel).as_text()
+    monkeypatch.setenv("JAXNETS_CONV", "lax")
+    assert "stablehlo.convolution" in lowered() and not _dots_in(lowered())
+    monkeypatch.setenv("JAXNETS_CONV", "dot")
+    assert "stablehlo.convolution" not in lowered() and _dots_in(lowered())
+    monkeypatch.setenv("JAXNETS_CONV", "auto")  # CPU: dots
+    assert "stablehlo.convolution" not in lowered()
+    monkeypatch.setenv("JAXNETS_CONV", "cudnn")
+    with pytest.raises(ValueError, match="'auto', 'lax' or 'dot'"):
+        lowered()
+
+
+def test_argument_overrides_the_environment(monkeypatch):
+    images, kernel, strides, padding, _ = _inputs("1x1", jnp.float32)
+    monkeypatch.setenv("JAXNETS_CONV", "dot")
+    hlo = jax.jit(lambda x, w: conv2d(x, w, strides, padding, implementation="lax")).lower(images, kernel).as_text()
+    assert "stablehlo.convolution" in hlo
+
+
+def test_shape_errors_name_the_shapes():
+    images = jnp.zeros((2, 9, 9, 4))
+    with pytest.raises(ValueError, match=r"4 channels .* expects 3"):
+        conv2d(images, jnp.zeros((3, 3, 3, 5)))
+    with pytest.raises(ValueError, match="images \\[batch, height, width, channels\\]"):
+        conv2d(images[0], jnp.zeros((3, 3, 4, 5)))
+    with pytest.raises(ValueError, match="does not fit"):
+        conv2d(images, jnp.zeros((11, 3, 4, 5)))
