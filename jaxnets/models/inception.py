@@ -8,8 +8,9 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from flax import nnx
+
+from jaxnets import conv as jaxnets_conv
 
 # Smallest height/width the network accepts: below 75 the last stride-2 stage has nothing left (JAX would
 # silently give NaN); the auxiliary head's 5x5 convolution needs the 17x17 grid that only 299 px inputs reach.
@@ -37,14 +38,10 @@ def conv2d(
     images: [batch, height, width, in_channels]; kernel: [kernel_h, kernel_w, in_channels, out_channels] (HWIO);
     stride: (stride_h, stride_w); padding: ((top, bottom), (left, right)) rows/columns of zeros, as torch's
     Conv2d(padding=...). Returns [batch, out_height, out_width, out_channels].
+    jaxnets.conv picks the implementation: im2col + dots on CPU, lax.conv_general_dilated on GPU/TPU
+    ($JAXNETS_CONV=lax|dot overrides).
     """
-    return lax.conv_general_dilated(
-        images,
-        kernel,
-        window_strides=stride,
-        padding=padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
+    return jaxnets_conv.conv2d(images, kernel, stride, padding)
 
 
 def torch_truncated_normal(stddev: float) -> nnx.Initializer:
