@@ -385,8 +385,7 @@ def evaluate_run(workdir: str, *, step: int | None = None, which: str = "best", 
             true = pipeline.destandardize(true, standardize)
         summary = metrics.regression_report(true, predictions, dataset.target_names)
     else:
-        summary = metrics.classification_report(true, predictions, dataset.class_names
-                                                 if hasattr(dataset, "class_names") else dataset.target_names)
+        summary = metrics.classification_report(true, predictions, dataset.target_names)
     summary.update(loss=result["loss"], split=split, step=int(step), workdir=workdir)
     if jax.process_index() == 0:
         report.write_json(os.path.join(workdir, f"eval_{split}.json"), summary)

@@ -101,3 +101,17 @@ def test_incompatible_workdir_is_refused_with_the_differences(tmp_path):
     experiment.train_and_evaluate(config)
     with pytest.raises(experiment.RunError, match=r"hidden: saved '32', requested '64'.*--workdir"):
         experiment.train_and_evaluate(dataclasses.replace(config, hidden="64"))
+
+
+def test_classification_run_reports_accuracy_and_confusion(tmp_path):
+    config = tiny_config(tmp_path, task="classification", epochs=1)
+    experiment.train_and_evaluate(config)
+    report = experiment.evaluate_run(config.run_dir, split="test")
+    assert report["task"] == "classification" and report["count"] == 20
+    assert sum(map(sum, report["confusion_matrix"])) == 20
+    assert set(report["per_class_accuracy"]) == {"sis", "point_mass"}
+    with open(tmp_path / "run" / "predictions_test.csv") as f:
+        rows = list(csv.DictReader(f))
+    predicted = np.array([float(r["label (predicted)"]) for r in rows])
+    true = np.array([float(r["label (true)"]) for r in rows])
+    assert report["accuracy"] == pytest.approx(np.mean(predicted == true))
