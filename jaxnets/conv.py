@@ -1,6 +1,6 @@
-"""Two-dimensional convolution (NHWC images, HWIO kernels) written the way each backend runs it fastest.
+"""Two-dimensional convolution (NHWC images, HWIO kernels) in the form each backend runs fastest.
 
-On XLA:CPU a 1x1 convolution is a matrix product and a kxk one is im2col + a matrix product, with dots in the backward pass too; GPUs and TPUs keep lax.conv_general_dilated (cuDNN, native convolutions).
+On CPU im2col + matrix products, forward and backward (XLA:CPU's dots beat its convolutions); on GPU/TPU lax's.
 """
 
 import functools
@@ -18,13 +18,17 @@ Implementation = Literal["auto", "lax", "dot"]
 IMPLEMENTATION_ENV = "JAXNETS_CONV"
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
-# Why dots on CPU (jax 0.10.2, 2 cores, Inception3 b32 1x128^2, bench/conv_shapes.py): XLA:CPU sends a convolution to
-# YNNPACK or to Eigen's spatial convolution. Both reach 100-150 GFLOP/s forward on 13x13..61x61 grids but only
-# 25-90 GFLOP/s for the kernel gradient (a convolution whose window is the whole image) and 2-7 GFLOP/s for the
-# input gradient of stride-2 and 2x2-grid convolutions (Eigen fallback: ~600 ms of a ~2 s train step). Its dots
-# run at 130-170 GFLOP/s in float32 and 300-600 in bfloat16 (AMX/AVX512-BF16); lax's bfloat16 convolutions stay at
-# 60-150. What im2col costs is building the patches: XLA copies them at only 1-4 GB/s (concatenation along the
-# channel axis), so on big grids with few output channels (the stem, 5x5 and 3x3 at 35x35) lax stays ahead.
+# Why dots on CPU (jax 0.10.2 on the 2-core Xeon with AVX512-BF16/AMX; bench/conv_shapes.py, GFLOP/s over all of
+# Inception3's layers, batch 32 1x128^2, forward+backward): lax 57 -> dot 85 in float32, 54 -> 151 in bfloat16.
+# XLA:CPU hands convolutions to YNNPACK or Eigen: fine forward (100-160 GFLOP/s on mid-size grids), but the kernel
+# gradient is a convolution whose window is the whole image (10-100 GFLOP/s), the input gradient of stride-2 and
+# 2x2-grid layers falls to Eigen at 2-7 GFLOP/s, and bfloat16 convolutions are no faster than float32 (and sum less
+# accurately). Its dots run at 130-170 GFLOP/s in float32 and 300-1000 in bfloat16. im2col pays for copying the
+# patches (XLA concatenates at 1-4 GB/s), so lax alone still wins the 5x5 and some float32 1x7/7x1 and big-grid 3x3
+# layers; keeping lax for those in the model measured no faster (stem: -3..-6 %, 5x5: +1 %), so "auto" is all dots.
+# Train step b32 1x128^2 (Adam, MSE), lax -> dot: float32 18.3 -> 27.0 img/s, bfloat16 17.3 -> 38.7 img/s.
+# lax.conv_general_dilated_patches builds the patches with a convolution and was slower than slicing (stem 3x3:
+# 17 vs 23 GFLOP/s forward; 1x7: 34 vs 127).
 
 
 def conv2d(
@@ -62,8 +66,7 @@ def _resolve(implementation: Implementation | None) -> str:
     if implementation not in ("auto", "lax", "dot"):
         raise ValueError(f"conv2d implementation must be 'auto', 'lax' or 'dot'; got {implementation!r}")
     if implementation == "auto":
-        # Measured on the 2-core CPU (bench/conv_shapes.py; Inception3 train step b32 1x128^2): dots everywhere beat
-        # every mix that keeps lax for the big-grid, few-channel stem layers, in float32 and bfloat16.
+        # cuDNN's convolutions are what a GPU is built for; XLA:CPU's are not (see the measurements above).
         return "dot" if jax.default_backend() == "cpu" else "lax"
     return implementation
 
