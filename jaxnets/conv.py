@@ -66,7 +66,8 @@ def _resolve(implementation: Implementation | None) -> str:
     if implementation not in ("auto", "lax", "dot"):
         raise ValueError(f"conv2d implementation must be 'auto', 'lax' or 'dot'; got {implementation!r}")
     if implementation == "auto":
-        # cuDNN's convolutions are what a GPU is built for; XLA:CPU's are not (see the measurements above).
+        # cuDNN's convolutions are what a GPU is built for; XLA:CPU's are not (see the measurements above). H200,
+        # jax 0.11.2, Inception3 bf16 train step b256 3x299^2: lax 3728 img/s, dot 2398 img/s.
         return "dot" if jax.default_backend() == "cpu" else "lax"
     return implementation
 
