@@ -30,7 +30,7 @@ class Config:
         None, "lens only: regress the parameters or classify the lens type", ("regression", "classification")
     )
     image_size: int = _option(75, "side of the built-in lens images in pixels (Inception3 needs >= 75)")
-    num_train: int = _option(8000, "built-in lens dataset: training examples")
+    num_train: int = _option(6400, "built-in lens dataset: training examples")
     num_validation: int = _option(1000, "built-in lens dataset: validation examples")
     num_test: int = _option(1000, "built-in lens dataset: test examples")
     data_dir: str | None = _option(None, "TFDS data folder (default ~/tensorflow_datasets)")
@@ -55,7 +55,7 @@ class Config:
         "constant", "learning-rate schedule; plateau halves it after 5 epochs without improvement",
         ("constant", "cosine", "plateau"),
     )
-    epochs: int = _option(6, "number of passes over the training split")
+    epochs: int = _option(3, "number of passes over the training split")
     batch_size: int = _option(32, "global batch size (split over all devices)")
     precision: str = _option("f32", "compute precision; bf16 keeps float32 weights and loss", ("f32", "bf16"))
     seed: int = _option(0, "seed for initialisation, shuffling and dropout")
