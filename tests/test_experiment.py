@@ -14,6 +14,7 @@ import pytest
 from jaxnets import experiment, training
 from jaxnets.checkpoint import Checkpointer
 from jaxnets.config import Config
+from jaxnets.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -115,3 +116,22 @@ def test_classification_run_reports_accuracy_and_confusion(tmp_path):
     predicted = np.array([float(r["label (predicted)"]) for r in rows])
     true = np.array([float(r["label (true)"]) for r in rows])
     assert report["accuracy"] == pytest.approx(np.mean(predicted == true))
+
+
+@pytest.mark.parametrize("changes", [dict(schedule="cosine"), dict(schedule="plateau"), dict(weight_decay=0.1),
+                                     dict(on_nan="skip"), dict(precision="bf16")])
+def test_every_optimizer_option_trains(tmp_path, changes):
+    config = tiny_config(tmp_path, **changes)
+    dataset = experiment.load_data(config)
+    state = training.TrainState.create(experiment.build_model(config, dataset),
+                                       experiment.build_optimizer(config, steps_per_epoch=6))
+    mesh = training.data_mesh()
+    step = training.make_train_step(experiment.loss_function(config, dataset))
+    batches = list(pipeline.batches(dataset, "train", 16, train=True, epoch=1, standardize=dataset.target_stats()))
+    losses_seen = []
+    for _ in range(4):
+        for batch in batches:
+            state, metrics = step(state, training.shard_batch(batch, mesh))
+        losses_seen.append(training.summarize(metrics)["loss"])
+    assert int(state.step) == 4 * len(batches)
+    assert np.isfinite(losses_seen).all() and losses_seen[-1] < losses_seen[0]
