@@ -5,12 +5,10 @@ This module is the edge of the library: it prints, draws progress bars and write
 """
 
 import json
-import math
 import os
 import signal
 import sys
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
