@@ -4,6 +4,7 @@ resume where a run stopped, and evaluate a saved run (the work behind train.py a
 This module is the edge of the library: it prints, draws progress bars and writes files.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -256,75 +257,76 @@ def train_and_evaluate(config: Config) -> dict:
     train_step, eval_step = training.make_train_step(loss_fn), training.make_eval_step(loss_fn)
     record_base = {"target_mean": None if standardize is None else standardize[0].tolist(),
                    "target_std": None if standardize is None else standardize[1].tolist()}
-    writer = _tensorboard(workdir) if jax.process_index() == 0 else None
     is_main = jax.process_index() == 0
-
+    writer = _tensorboard(workdir) if is_main else None
     with StopSignals() as stop:
-        while epoch <= config.epochs:
-            started = time.perf_counter()
-            batches = pipeline.batches(dataset, "train", config.batch_size, train=True, seed=config.seed,
-                                       epoch=epoch, start_batch=start_batch, standardize=standardize)
-            totals = None if partial is None else jax.tree.map(jnp.asarray, partial)
-            bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch}/{config.epochs}",
-                       unit="batch", leave=False, disable=not is_main, dynamic_ncols=True)
-            position = {"batch": start_batch}
+        try:
+            while epoch <= config.epochs:
+                started = time.perf_counter()
+                batches = pipeline.batches(dataset, "train", config.batch_size, train=True, seed=config.seed,
+                                           epoch=epoch, start_batch=start_batch, standardize=standardize)
+                totals = None if partial is None else jax.tree.map(jnp.asarray, partial)
+                bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch}/{config.epochs}",
+                           unit="batch", leave=False, disable=not is_main, dynamic_ncols=True)
+                position = {"batch": start_batch}
 
-            def on_step(state, totals):
-                position["batch"] += 1
-                bar.update(1)
-                # A host sync only every 20 steps: the running loss for the bar and a NaN check.
-                if position["batch"] % 20 == 0:
-                    summary = training.summarize(totals)
-                    rate = bar.format_dict["rate"] or 0.0
-                    bar.set_postfix(loss=f"{summary['loss']:.4g}", img_s=f"{rate * config.batch_size:.1f}")
-                    if summary["nonfinite"] and config.on_nan == "stop":
-                        return False
-                return stop.received is None
+                def on_step(state, totals):
+                    position["batch"] += 1
+                    bar.update(1)
+                    # A host sync only every 20 steps: the running loss for the bar and a NaN check.
+                    if position["batch"] % 20 == 0:
+                        summary = training.summarize(totals)
+                        rate = bar.format_dict["rate"] or 0.0
+                        bar.set_postfix(loss=f"{summary['loss']:.4g}", img_s=f"{rate * config.batch_size:.1f}")
+                        if summary["nonfinite"] and config.on_nan == "stop":
+                            return False
+                    return stop.received is None
 
-            state, totals, finished = training.train_epoch(state, batches, train_step, mesh, totals=totals,
-                                                           on_step=on_step)
-            bar.close()
-            summary = training.summarize(totals)
-            if summary["nonfinite"] and config.on_nan == "stop":
-                checkpointer.close()
-                raise RunError(
-                    f"the loss became NaN or Inf at step {summary.get('first_nonfinite_step', '?')} in epoch "
-                    f"{epoch}; training stopped and the last good "
-                    f"checkpoint in {checkpointer.directory} is kept. Try a lower learning rate (--lr "
-                    f"{config.lr / 10:g}) or --on-nan skip.", exit_code=3)
-            if not finished:
-                record = dict(record_base, epoch=epoch - 1, batch=position["batch"],
-                              partial=jax.tree.map(lambda x: x.item(), jax.device_get(totals)))
-                checkpointer.save(state, record)
-                checkpointer.close()
-                print(f"Saved a checkpoint at step {int(state.step)} (epoch {epoch}, batch {position['batch']}) "
-                      f"in {checkpointer.directory}. Resume with the same command:\n  python train.py "
-                      f"--workdir {workdir} ...", file=sys.stderr, flush=True)
-                return {"history": history, "interrupted": stop.exit_code}
-            validation = training.evaluate(
-                state, pipeline.batches(dataset, "validation", config.batch_size, train=False,
-                                        standardize=standardize), eval_step, mesh)
-            elapsed = time.perf_counter() - started
-            entry = {"epoch": epoch, "step": int(state.step), "loss": summary["loss"],
-                     "validation_loss": validation["loss"], "skipped_steps": summary["nonfinite"],
-                     "seconds": round(elapsed, 2)}
-            print(f"Epoch {epoch}: Loss = {summary['loss']:.6g}, Validation loss = {validation['loss']:.6g}, "
-                  f"time = {elapsed:.1f} s", flush=True)
-            checkpointer.save(state, dict(record_base, epoch=epoch, batch=0, partial=None), validation["loss"])
-            history.append(entry)
-            if is_main:
-                _write_history(history_path, history)
-                if writer is not None:
-                    writer.add_scalar("loss/train", entry["loss"], epoch)
-                    writer.add_scalar("loss/validation", entry["validation_loss"], epoch)
-            epoch, start_batch, partial = epoch + 1, 0, None
-            if stop.received is not None:
-                checkpointer.close()
-                print(f"Stopped after epoch {epoch - 1}; resume with the same command.", file=sys.stderr)
-                return {"history": history, "interrupted": stop.exit_code}
-    checkpointer.close()
-    if writer is not None:
-        writer.close()
+                state, totals, finished = training.train_epoch(state, batches, train_step, mesh, totals=totals,
+                                                               on_step=on_step)
+                bar.close()
+                summary = training.summarize(totals)
+                if summary["nonfinite"] and config.on_nan == "stop":
+                    raise RunError(
+                        f"the loss became NaN or Inf at step {summary.get('first_nonfinite_step', '?')} in epoch "
+                        f"{epoch}; training stopped and the last good "
+                        f"checkpoint in {checkpointer.directory} is kept. Try a lower learning rate (--lr "
+                        f"{config.lr / 10:g}) or --on-nan skip.", exit_code=3)
+                if not finished:
+                    record = dict(record_base, epoch=epoch - 1, batch=position["batch"],
+                                  partial=jax.tree.map(lambda x: x.item(), jax.device_get(totals)))
+                    checkpointer.save(state, record)
+                    checkpointer.wait()  # say "saved" only once it is
+                    print(f"Saved a checkpoint at step {int(state.step)} (epoch {epoch}, batch {position['batch']}) "
+                          f"in {checkpointer.directory}. Resume with the same command:\n  python train.py "
+                          f"--workdir {workdir} ...", file=sys.stderr, flush=True)
+                    return {"history": history, "interrupted": stop.exit_code}
+                validation = training.evaluate(
+                    state, pipeline.batches(dataset, "validation", config.batch_size, train=False,
+                                            standardize=standardize), eval_step, mesh)
+                elapsed = time.perf_counter() - started
+                entry = {"epoch": epoch, "step": int(state.step), "loss": summary["loss"],
+                         "validation_loss": validation["loss"], "skipped_steps": summary["nonfinite"],
+                         "seconds": round(elapsed, 2)}
+                print(f"Epoch {epoch}: Loss = {summary['loss']:.6g}, Validation loss = {validation['loss']:.6g}, "
+                      f"time = {elapsed:.1f} s", flush=True)
+                checkpointer.save(state, dict(record_base, epoch=epoch, batch=0, partial=None), validation["loss"])
+                history.append(entry)
+                if is_main:
+                    _write_history(history_path, history)
+                    if writer is not None:
+                        writer.add_scalar("loss/train", entry["loss"], epoch)
+                        writer.add_scalar("loss/validation", entry["validation_loss"], epoch)
+                epoch, start_batch, partial = epoch + 1, 0, None
+                if stop.received is not None:
+                    print(f"Stopped after epoch {epoch - 1}; resume with the same command.", file=sys.stderr)
+                    return {"history": history, "interrupted": stop.exit_code}
+        finally:
+            # Every way out (finished, interrupted, diverged) waits for the async save and flushes the events,
+            # still under StopSignals, so a second Ctrl-C during the wait exits at once.
+            checkpointer.close()
+            if writer is not None:
+                writer.close()
     if is_main and history:
         report.plot_loss_curve(os.path.join(workdir, "loss_curve.png"), history)
     return {"history": history, "interrupted": None}
@@ -348,7 +350,7 @@ def evaluate_run(workdir: str, *, step: int | None = None, which: str = "best", 
     except (FileNotFoundError, ValueError) as error:
         raise RunError(str(error)) from None
     if data_dir:
-        config = Config(**{**json.loads(config.to_json()), "data_dir": data_dir})
+        config = dataclasses.replace(config, data_dir=data_dir)
     setup_jax(config)
     checkpointer = Checkpointer(workdir, read_only=True)
     available = checkpointer.steps()
