@@ -3,12 +3,14 @@
 Attribute names mirror torchvision's state_dict keys (Mixed_5b.branch1x1.conv): jaxnets.convert maps one to one.
 """
 
+import functools
 import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 from jaxnets import conv as jaxnets_conv
 
@@ -107,36 +109,41 @@ class Conv2d(nnx.Module):
 
 
 class BatchNorm2d(nnx.BatchNorm):
-    """nnx.BatchNorm keeping torch's running statistics: unbiased running variance and a batch counter.
+    """torch's BatchNorm2d on NHWC images: nnx.BatchNorm's parameters and statistics, torch's running statistics.
 
     Flax folds the biased batch variance into the running variance, torch the unbiased one (times n/(n-1), n the
-    values per channel); after a train step both frameworks then hold the same state, num_batches_tracked included.
+    values per channel) and counts batches in num_batches_tracked; this does as torch, so after a train step both
+    frameworks hold the same state. The forward pass is written out rather than inherited because flax's
+    `variable[...] = value` probes `value.sharding`, which on a JAX tracer builds an error message by walking
+    everything traced so far: tracing Inception3's train step took 4.6 s, 2.7 s of it there (jax 0.10.2, flax
+    0.12.8; fixed in later JAX). `set_value` assigns without the probe.
     """
 
     def __init__(self, num_features: int, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
-        super().__init__(
-            num_features,
-            epsilon=BATCHNORM_EPSILON,
-            momentum=BATCHNORM_MOMENTUM,
-            dtype=dtype,
-            # E[x^2] - E[x]^2 cancels when the mean dwarfs the spread (values 300 +- 1: variance off by 1 %);
-            # torch subtracts the mean first, and so does this.
-            use_fast_variance=False,
-            rngs=rngs,
-        )
+        super().__init__(num_features, epsilon=BATCHNORM_EPSILON, momentum=BATCHNORM_MOMENTUM, dtype=dtype, rngs=rngs)
         self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        """x: [batch, height, width, features]; mask: [batch, 1, 1, 1] bool, rows counted in batch statistics."""
+        """x: [batch, height, width, features]; mask: [batch, 1, 1, 1] bool, rows counted in batch statistics.
+
+        Statistics are float32 (bfloat16 inputs included) and, like torch, subtract the mean before squaring
+        (E[x^2] - E[x]^2 cancels when the mean dwarfs the spread: values 300 +- 1 give a variance 1 % off).
+        """
+        x = x.astype(self.dtype)
         if self.use_running_average:
-            return super().__call__(x)
-        previous_var = self.var[...]
-        y = super().__call__(x, mask=mask)
-        count = (x.shape[0] if mask is None else jnp.sum(mask)) * x.shape[1] * x.shape[2]
-        batch_term = self.var[...] - self.momentum * previous_var  # (1 - momentum) * biased batch variance
-        self.var[...] = self.momentum * previous_var + batch_term * count / jnp.maximum(count - 1, 1)
-        self.num_batches_tracked[...] += 1
-        return y
+            mean, var = self.mean.get_value(), self.var.get_value()
+        else:
+            values = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+            mean = jnp.mean(values, axis=(0, 1, 2), where=mask)
+            var = jnp.mean(jnp.square(values - mean), axis=(0, 1, 2), where=mask)
+            count = (x.shape[0] if mask is None else jnp.sum(mask)) * x.shape[1] * x.shape[2]
+            unbiased = var * count / jnp.maximum(count - 1, 1)
+            keep = self.momentum
+            self.mean.set_value(lax.stop_gradient(keep * self.mean.get_value() + (1 - keep) * mean))
+            self.var.set_value(lax.stop_gradient(keep * self.var.get_value() + (1 - keep) * unbiased))
+            self.num_batches_tracked.set_value(self.num_batches_tracked.get_value() + 1)
+        multiplier = lax.rsqrt(var + self.epsilon) * self.scale.get_value()
+        return ((x - mean) * multiplier + self.bias.get_value()).astype(self.dtype)
 
 
 class BasicConv2d(nnx.Module):
@@ -159,7 +166,11 @@ class BasicConv2d(nnx.Module):
         self.bn = BatchNorm2d(out_channels, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        return nnx.relu(self.bn(self.conv(x), mask))
+        return self.activate(self.conv(x), mask)
+
+    def activate(self, convolved: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """BatchNorm and ReLU of this layer's convolution output."""
+        return nnx.relu(self.bn(convolved, mask))
 
 
 def _avg_pool_3x3_same(x: jax.Array) -> jax.Array:
@@ -167,9 +178,75 @@ def _avg_pool_3x3_same(x: jax.Array) -> jax.Array:
     return nnx.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=True)
 
 
+def _pooled_branch(branch_pool: BasicConv2d, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """torchvision's `branch_pool(avg_pool2d(x, 3, stride=1, padding=1))`, pooling after the 1x1 convolution.
+
+    Both the pool (zeros padded, count_include_pad) and the bias-free 1x1 convolution are linear and act on
+    different axes, so they commute: pooling the convolution's 32-192 output channels instead of its 192-2048 input
+    channels is the same function at a 4-10x smaller pooling cost.
+    """
+    return branch_pool.activate(_avg_pool_3x3_same(branch_pool.conv(x)), mask)
+
+
+def _max_pool_windows(x: jax.Array) -> list[jax.Array]:
+    """The nine strided views [batch, out_h, out_w, channels] of a 3x3 stride-2 pool, row by row."""
+    batch, height, width, channels = x.shape
+    out_h, out_w = (height - 3) // 2 + 1, (width - 3) // 2 + 1
+    return [
+        lax.slice(x, (0, row, column, 0), (batch, row + 2 * out_h - 1, column + 2 * out_w - 1, channels), (1, 2, 2, 1))
+        for row in range(3)
+        for column in range(3)
+    ]
+
+
+@jax.custom_vjp
 def _max_pool_3x3_stride_2(x: jax.Array) -> jax.Array:
-    """torch's max_pool2d(kernel_size=3, stride=2): no padding, floor of the output size."""
-    return nnx.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+    """torch's max_pool2d(kernel_size=3, stride=2): no padding, floor of the output size.
+
+    The maximum of nine strided slices, with a hand-written gradient; autodiff of lax.reduce_window gives a
+    select-and-scatter that XLA:CPU runs slowly (train step b32 1x128^2: +7 % float32, measured alternating).
+    """
+    return functools.reduce(jnp.maximum, _max_pool_windows(x))
+
+
+def _max_pool_forward(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, tuple[int, ...]]]:
+    """Also keeps, per output, which of the nine window positions (0-8, row-major) held the first maximum."""
+    windows = _max_pool_windows(x)
+    pooled = functools.reduce(jnp.maximum, windows)
+    # argmax (the first maximum, NaN counted as the largest like torch) is a reduction, so XLA keeps its result in
+    # memory; a chain of elementwise selects was recomputed inside every use in the gradient (57 ms instead of
+    # ~10 ms for the stem's pool, b32 1x128^2 float32).
+    first = jnp.argmax(jnp.stack(windows), axis=0).astype(jnp.int8)
+    return pooled, (first, x.shape)
+
+
+def _max_pool_backward(residuals: tuple[jax.Array, tuple[int, ...]], pooled_grad: jax.Array) -> tuple[jax.Array]:
+    """Each window's gradient goes to its first maximum in row-major order, as torch (and lax) route ties.
+
+    Window (i, j) at offset (row, column) covers input (2i + row, 2j + column). The gradient is assembled on the four
+    parity grids of the input (even/odd row x even/odd column, each [out + 1, out + 1]) with plain one-row shifts,
+    then interleaved: a few passes over memory, not nine interior-padded scatters.
+    """
+    first, (batch, height, width, channels) = residuals
+    out_h, out_w = first.shape[1:3]
+    accumulate = jnp.promote_types(pooled_grad.dtype, jnp.float32)
+    grad = pooled_grad.astype(accumulate)
+
+    def share(row: int, column: int, shift_row: int, shift_column: int) -> jax.Array:
+        routed = jnp.where(first == 3 * row + column, grad, 0)
+        return jnp.pad(routed, ((0, 0), (shift_row, 1 - shift_row), (shift_column, 1 - shift_column), (0, 0)))
+
+    even_even = share(0, 0, 0, 0) + share(0, 2, 0, 1) + share(2, 0, 1, 0) + share(2, 2, 1, 1)
+    even_odd = share(0, 1, 0, 0) + share(2, 1, 1, 0)
+    odd_even = share(1, 0, 0, 0) + share(1, 2, 0, 1)
+    odd_odd = share(1, 1, 0, 0)
+    even_rows = jnp.stack([even_even, even_odd], axis=3)  # [batch, out_h + 1, out_w + 1, 2, channels]
+    odd_rows = jnp.stack([odd_even, odd_odd], axis=3)
+    interleaved = jnp.stack([even_rows, odd_rows], axis=2).reshape(batch, 2 * out_h + 2, 2 * out_w + 2, channels)
+    return (interleaved[:, :height, :width].astype(pooled_grad.dtype),)
+
+
+_max_pool_3x3_stride_2.defvjp(_max_pool_forward, _max_pool_backward)
 
 
 class InceptionA(nnx.Module):
@@ -189,7 +266,7 @@ class InceptionA(nnx.Module):
         branch1x1 = self.branch1x1(x, mask)
         branch5x5 = self.branch5x5_2(self.branch5x5_1(x, mask), mask)
         branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x, mask), mask), mask)
-        branch_pool = self.branch_pool(_avg_pool_3x3_same(x), mask)
+        branch_pool = _pooled_branch(self.branch_pool, x, mask)
         return jnp.concatenate([branch1x1, branch5x5, branch3x3dbl, branch_pool], axis=-1)
 
 
@@ -237,7 +314,7 @@ class InceptionC(nnx.Module):
         branch7x7dbl = self.branch7x7dbl_3(branch7x7dbl, mask)
         branch7x7dbl = self.branch7x7dbl_4(branch7x7dbl, mask)
         branch7x7dbl = self.branch7x7dbl_5(branch7x7dbl, mask)
-        branch_pool = self.branch_pool(_avg_pool_3x3_same(x), mask)
+        branch_pool = _pooled_branch(self.branch_pool, x, mask)
         return jnp.concatenate([branch1x1, branch7x7, branch7x7dbl, branch_pool], axis=-1)
 
 
@@ -288,7 +365,7 @@ class InceptionE(nnx.Module):
         branch3x3dbl = jnp.concatenate(
             [self.branch3x3dbl_3a(branch3x3dbl, mask), self.branch3x3dbl_3b(branch3x3dbl, mask)], axis=-1
         )
-        branch_pool = self.branch_pool(_avg_pool_3x3_same(x), mask)
+        branch_pool = _pooled_branch(self.branch_pool, x, mask)
         return jnp.concatenate([branch1x1, branch3x3, branch3x3dbl, branch_pool], axis=-1)
 
 
