@@ -235,6 +235,10 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.worker:
+        if args.worker == "jax":
+            from jaxnets import hugepages
+
+            hugepages.restart_with_huge_pages()  # as train.py and evaluate.py do
         if "JAXNETS_BENCH_CACHE" in os.environ:
             import jax
 
