@@ -7,7 +7,7 @@ eval_<split>.json, predictions_<split>.csv and predictions_<split>.png into the 
 import argparse
 import sys
 
-from jaxnets import hugepages
+from jaxnets import host_memory
 from jaxnets.config import Config
 
 
@@ -38,5 +38,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    hugepages.restart_with_huge_pages()  # before JAX allocates: ~12 % faster steps on CPU
+    host_memory.restart_with_huge_pages()  # before JAX allocates: ~12 % faster steps on CPU
     sys.exit(main())

@@ -6,7 +6,7 @@ Prints `Epoch N: Loss = ...` per epoch, checkpoints every epoch into --workdir a
 import sys
 
 from jaxnets import config as config_lib
-from jaxnets import hugepages
+from jaxnets import host_memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,5 +26,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    hugepages.restart_with_huge_pages()  # before JAX allocates: ~12 % faster steps on CPU
+    host_memory.restart_with_huge_pages()  # before JAX allocates: ~12 % faster steps on CPU
     sys.exit(main())

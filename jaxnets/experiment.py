@@ -20,7 +20,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from jaxnets import data as data_lib
-from jaxnets import losses, metrics, report, training
+from jaxnets import host_memory, losses, metrics, report, training
 from jaxnets.checkpoint import Checkpointer
 from jaxnets.config import Config
 from jaxnets.data import pipeline
@@ -255,6 +255,11 @@ def train_and_evaluate(config: Config) -> dict:
     _write_history(history_path, history)
     state = training.replicate(state, mesh)
     train_step, eval_step = training.make_train_step(loss_fn), training.make_eval_step(loss_fn)
+    # Compile before the first step and give the compiler's freed memory back, so that it and the step's buffers do
+    # not both count towards the peak (b32 1x128^2 Inception3: 3.25 -> 2.29 GB).
+    example = next(iter(pipeline.batches(dataset, "train", config.batch_size, train=True, seed=config.seed)))
+    train_step = train_step.lower(state, training.shard_batch(example, mesh)).compile()
+    host_memory.release_freed_memory()
     record_base = {"target_mean": None if standardize is None else standardize[0].tolist(),
                    "target_std": None if standardize is None else standardize[1].tolist()}
     is_main = jax.process_index() == 0

@@ -7,15 +7,15 @@ import textwrap
 
 import pytest
 
-from jaxnets import hugepages
+from jaxnets import host_memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = textwrap.dedent(f"""
     import os, sys
     sys.path.insert(0, {REPO!r})
-    from jaxnets import hugepages
+    from jaxnets import host_memory
     print(os.getpid(), os.environ.get("GLIBC_TUNABLES", ""), sys.argv[1:], flush=True)
-    hugepages.restart_with_huge_pages()
+    host_memory.restart_with_huge_pages()
 """)
 
 
@@ -25,16 +25,16 @@ def thp_file(tmp_path, setting: str) -> str:
     return str(path)
 
 
-@pytest.mark.skipif(hugepages._glibc_version() < (2, 35), reason="needs Linux with glibc >= 2.35")
+@pytest.mark.skipif(host_memory._glibc_version() < (2, 35), reason="needs Linux with glibc >= 2.35")
 def test_wanted_only_in_madvise_mode_and_when_not_set_or_refused(tmp_path):
     madvise = thp_file(tmp_path, "always [madvise] never")
-    assert hugepages.wanted({}, madvise)
-    assert hugepages.wanted({"GLIBC_TUNABLES": "glibc.malloc.check=0"}, madvise)
-    assert not hugepages.wanted({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, madvise)  # already restarted
-    assert not hugepages.wanted({"JAXNETS_HUGE_PAGES": "0"}, madvise)
-    assert not hugepages.wanted({}, thp_file(tmp_path, "[always] madvise never"))  # the kernel does it already
-    assert not hugepages.wanted({}, thp_file(tmp_path, "always madvise [never]"))
-    assert not hugepages.wanted({}, str(tmp_path / "missing"))
+    assert host_memory.wanted({}, madvise)
+    assert host_memory.wanted({"GLIBC_TUNABLES": "glibc.malloc.check=0"}, madvise)
+    assert not host_memory.wanted({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, madvise)  # already restarted
+    assert not host_memory.wanted({"JAXNETS_HUGE_PAGES": "0"}, madvise)
+    assert not host_memory.wanted({}, thp_file(tmp_path, "[always] madvise never"))  # the kernel does it already
+    assert not host_memory.wanted({}, thp_file(tmp_path, "always madvise [never]"))
+    assert not host_memory.wanted({}, str(tmp_path / "missing"))
 
 
 def run_child(env: dict) -> list[list[str]]:
@@ -48,7 +48,7 @@ def test_restart_keeps_process_arguments_and_other_tunables():
     env = {key: value for key, value in os.environ.items() if key not in ("GLIBC_TUNABLES", "JAXNETS_HUGE_PAGES")}
     env["GLIBC_TUNABLES"] = "glibc.malloc.check=0"
     lines = run_child(env)
-    if not hugepages.wanted(env):  # e.g. transparent huge pages set to "always" or "never" on this machine
+    if not host_memory.wanted(env):  # e.g. transparent huge pages set to "always" or "never" on this machine
         assert len(lines) == 1
         return
     assert len(lines) == 2, lines
@@ -79,11 +79,32 @@ FAULTS = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not hugepages.wanted({}), reason="transparent huge pages are not in madvise mode here")
+@pytest.mark.skipif(not host_memory.wanted({}), reason="transparent huge pages are not in madvise mode here")
 def test_tunable_cuts_page_faults_of_large_buffers():
     """What the restart is for: 5 x 64 MB written afresh are 80k faults in 4 KiB pages, ~160 in 2 MiB pages."""
     env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
     plain = int(subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True).stdout)
-    env["GLIBC_TUNABLES"] = hugepages.TUNABLE
+    env["GLIBC_TUNABLES"] = host_memory.TUNABLE
     huge = int(subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True).stdout)
     assert plain > 80_000 and huge < plain / 10, (plain, huge)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc are Linux")
+def test_release_freed_memory_returns_the_heap():
+    """malloc_trim after many small frees (as compilation leaves them) lowers the resident set."""
+    child = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {REPO!r})
+        from jaxnets import host_memory
+        def rss_kb():
+            return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1])
+        blocks = [bytearray(1000) for _ in range(300_000)]  # ~300 MB of small heap blocks
+        del blocks[:-1]  # free all but the last: the heap's top stays in use, so free() cannot shrink it
+        before = rss_kb()
+        host_memory.release_freed_memory()
+        print(before, rss_kb())
+    """)
+    env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
+    before, after = map(int, subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True,
+                                            check=True).stdout.split())
+    assert after < before - 200_000, (before, after)
