@@ -57,29 +57,20 @@ def jax_worker(mode: str, batch: int, channels: int, size: int, precision: str) 
         "image": rng.random((batch, size, size, channels), np.float32),
         "target": rng.normal(size=(batch, NUM_OUTPUTS)).astype(np.float32),
         "mask": np.ones(batch, np.float32)}, mesh)
-    if mode == "train":
-        step = training.make_train_step(losses.mse)
-        started = time.perf_counter()
-        compiled = step.lower(state, data).compile()
-        compile_seconds = time.perf_counter() - started
-        host_memory.release_freed_memory()  # as train_and_evaluate does after compiling
+    step = training.make_train_step(losses.mse) if mode == "train" else training.make_eval_step(losses.mse)
+    started = time.perf_counter()
+    compiled = step.lower(state, data).compile()
+    compile_seconds = time.perf_counter() - started
+    host_memory.release_freed_memory()  # as train_and_evaluate does after compiling
 
-        def run(n):
-            nonlocal state
-            for _ in range(n):
+    def run(n):
+        nonlocal state
+        for _ in range(n):
+            if mode == "train":
                 state, metrics = compiled(state, data)
-            jax.block_until_ready(metrics)
-    else:
-        step = training.make_eval_step(losses.mse)
-        started = time.perf_counter()
-        compiled = step.lower(state, data).compile()
-        compile_seconds = time.perf_counter() - started
-        host_memory.release_freed_memory()  # as train_and_evaluate does after compiling
-
-        def run(n):
-            for _ in range(n):
+            else:
                 metrics = compiled(state, data)
-            jax.block_until_ready(metrics)
+        jax.block_until_ready(metrics)
 
     serve(run, {"compile_seconds": compile_seconds, "device": str(jax.devices()[0].device_kind)})
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from jaxnets import data as data_lib
 from jaxnets import host_memory, losses, metrics, report, training
-from jaxnets.checkpoint import Checkpointer
+from jaxnets.checkpoint import CHECKPOINT_DIR, Checkpointer
 from jaxnets.config import Config
 from jaxnets.data import pipeline
 from jaxnets.models import MLP, Inception3
@@ -176,21 +176,14 @@ def _check_saved_config(config: Config, workdir: str) -> None:
                        f"--workdir for a fresh run, or the saved options to resume this one.")
 
 
-def check_input_shape(model: nnx.Module, image_shape: tuple[int, int, int]) -> None:
-    """Traces one training forward pass on abstract images, so a wrong image size or channel count
-    fails here with the model's message, before anything is written."""
-    graphdef, variables = nnx.split(model)
-
-    def forward(variables, images):
-        model = nnx.merge(graphdef, variables, copy=True)
-        model.train()
-        return model(images)
-
+def _lower_train_step(train_step, state: training.TrainState, batch, model: nnx.Module):
+    """Traces the train step on a real batch: a wrong image size or channel count fails here, with the model's
+    message and before anything is written; compiling the result later reuses this trace."""
     try:
-        jax.eval_shape(forward, variables, jax.ShapeDtypeStruct((2, *image_shape), jnp.float32))
+        return train_step.lower(state, batch)
     except ValueError as error:
         raise RunError(f"the {type(model).__name__} model cannot take this dataset's images "
-                       f"{tuple(image_shape)}: {error}") from None
+                       f"{tuple(batch['image'].shape[1:])}: {error}") from None
 
 
 def _read_history(path: str, completed_epochs: int) -> list[dict]:
@@ -233,8 +226,11 @@ def train_and_evaluate(config: Config) -> dict:
     standardize = dataset.target_stats() if dataset.task == "regression" and config.standardize else None
 
     model = build_model(config, dataset)
-    check_input_shape(model, dataset.image_shape)
     state = training.TrainState.create(model, build_optimizer(config, steps_per_epoch))
+    train_step, eval_step = training.make_train_step(loss_fn), training.make_eval_step(loss_fn)
+    example = next(iter(pipeline.batches(dataset, "train", config.batch_size, train=True, seed=config.seed)))
+    lowered = _lower_train_step(train_step, training.replicate(state, mesh), training.shard_batch(example, mesh),
+                                model)
     # Everything is checked: only now is anything written to the workdir.
     checkpointer = Checkpointer(workdir)
     epoch, start_batch, partial = 1, 0, None
@@ -254,11 +250,9 @@ def train_and_evaluate(config: Config) -> dict:
     config.save(workdir)
     _write_history(history_path, history)
     state = training.replicate(state, mesh)
-    train_step, eval_step = training.make_train_step(loss_fn), training.make_eval_step(loss_fn)
     # Compile before the first step and give the compiler's freed memory back, so that it and the step's buffers do
     # not both count towards the peak (b32 1x128^2 Inception3: 3.25 -> 2.29 GB).
-    example = next(iter(pipeline.batches(dataset, "train", config.batch_size, train=True, seed=config.seed)))
-    train_step = train_step.lower(state, training.shard_batch(example, mesh)).compile()
+    train_step = lowered.compile()
     host_memory.release_freed_memory()
     record_base = {"target_mean": None if standardize is None else standardize[0].tolist(),
                    "target_std": None if standardize is None else standardize[1].tolist()}
@@ -348,7 +342,7 @@ def evaluate_run(workdir: str, *, step: int | None = None, which: str = "best", 
     predictions_<split>.csv and predictions_<split>.png, and returns the report."""
     if not os.path.isdir(workdir):
         raise RunError(f"workdir {workdir!r} does not exist: train first (python train.py --workdir ...)")
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
         raise RunError(f"no checkpoints folder in {workdir!r}: train first, or check --workdir")
     try:
         config = Config.load(workdir)
