@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         # Problems with the user's input: one clear message, no traceback.
         print(f"error: {error}", file=sys.stderr)
         return getattr(error, "exit_code", 2)
-    print(f"{args.workdir}, step {summary['step']}, split {args.split}:")
+    print(f"{args.workdir}, {report.describe_checkpoint(summary)}, split {args.split}:")
     print(report.format_report(summary))
     return 0
 

@@ -6,6 +6,7 @@ leaves the previous checkpoint intact; incomplete folders are never listed as st
 """
 
 import glob
+import math
 import os
 import warnings
 from typing import Any
@@ -27,6 +28,12 @@ def _key_data(tree: Any) -> Any:
     )
 
 
+def _validation_loss(metrics: dict) -> float:
+    # A NaN loss would break the ordering; a diverged step is never the best.
+    loss = float(metrics["validation_loss"])
+    return loss if math.isfinite(loss) else math.inf
+
+
 def _saveable(state: TrainState) -> dict:
     return {"params": state.params, "rest": _key_data(state.rest), "opt_state": state.opt_state,
             "step": state.step}
@@ -46,11 +53,15 @@ class Checkpointer:
         policy = checkpoint_managers.AnyPreservationPolicy([
             checkpoint_managers.LatestN(n=1),
             # Mid-epoch (interrupt) checkpoints carry no validation loss and are kept only while latest.
-            checkpoint_managers.BestN(get_metric_fn=lambda metrics: metrics["validation_loss"],
-                                      reverse=True, n=1, keep_checkpoints_without_metrics=False),
+            checkpoint_managers.BestN(get_metric_fn=_validation_loss, reverse=True, n=1,
+                                      keep_checkpoints_without_metrics=False),
         ])
-        options = ocp.CheckpointManagerOptions(preservation_policy=policy, read_only=read_only,
-                                               create=not read_only, cleanup_tmp_directories=not read_only)
+        # best_fn is what makes orbax write each step's metrics to disk and read them back when a run is
+        # reopened; with the preservation policy alone they lived in memory only, so after a restart every
+        # earlier step looked "without metrics" and the next save deleted the best one.
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=_validation_loss,
+                                               best_mode="min", read_only=read_only, create=not read_only,
+                                               cleanup_tmp_directories=not read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:
@@ -60,7 +71,13 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def best_step(self) -> int | None:
+        """The step with the lowest validation loss (None if no checkpoint has one)."""
         return self.manager.best_step()
+
+    def validation_loss(self, step: int) -> float | None:
+        """The validation loss saved with step (None for a mid-epoch checkpoint)."""
+        metrics = self.manager.metrics(step)
+        return None if metrics is None else float(metrics["validation_loss"])
 
     def save(self, state: TrainState, record: dict, validation_loss: float | None = None) -> None:
         """Starts an asynchronous save of state and record (JSON) at step state.step."""

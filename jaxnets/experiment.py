@@ -27,6 +27,9 @@ from jaxnets.data import pipeline
 from jaxnets.models import MLP, Inception3
 
 METRICS_FILE = "metrics.jsonl"
+# Tests set this to a step number: training pauses after that step until a signal arrives, so signal tests
+# interrupt at a known step instead of racing the epoch.
+PAUSE_AT_STEP_ENV = "JAXNETS_PAUSE_AT_STEP"
 # Fields that must agree between a saved run and a resumed one (the rest, e.g. epochs or lr, may change).
 RESUME_FIELDS = ("dataset", "data", "test_data", "targets", "task", "image_size", "num_train",
                  "num_validation", "num_test", "standardize", "model", "hidden", "head_features",
@@ -156,6 +159,13 @@ class StopSignals:
     def exit_code(self) -> int:
         return 128 + int(self.received or 0)
 
+    def pause(self, step: int, timeout: float = 300.0) -> None:
+        """Waits (up to timeout seconds) for a signal; announces the step on stderr first."""
+        print(f"paused after step {step} for a signal ({PAUSE_AT_STEP_ENV})", file=sys.stderr, flush=True)
+        deadline = time.monotonic() + timeout
+        while self.received is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+
 
 # ---------------------------------------------------------------------------------------------
 # Training
@@ -258,6 +268,7 @@ def train_and_evaluate(config: Config) -> dict:
                    "target_std": None if standardize is None else standardize[1].tolist()}
     is_main = jax.process_index() == 0
     writer = _tensorboard(workdir) if is_main else None
+    pause_at = int(os.environ[PAUSE_AT_STEP_ENV]) if os.environ.get(PAUSE_AT_STEP_ENV) else None
     with StopSignals() as stop:
         try:
             while epoch <= config.epochs:
@@ -272,6 +283,8 @@ def train_and_evaluate(config: Config) -> dict:
                 def on_step(state, totals):
                     position["batch"] += 1
                     bar.update(1)
+                    if pause_at is not None and int(state.step) == pause_at:
+                        stop.pause(pause_at)
                     # A host sync only every 20 steps: the running loss for the bar and a NaN check.
                     if position["batch"] % 20 == 0:
                         summary = training.summarize(totals)
@@ -357,9 +370,13 @@ def evaluate_run(workdir: str, *, step: int | None = None, which: str = "best", 
         raise RunError(f"no complete checkpoint in {checkpointer.directory}: train first, or check --workdir")
     if step is None:
         step = checkpointer.best_step() if which == "best" else None
-        step = step if step is not None else checkpointer.latest_step()
+        if step is None:  # --latest, or no checkpoint records a validation loss
+            step, which = checkpointer.latest_step(), "latest"
     elif step not in available:
         raise RunError(f"no checkpoint at step {step} in {checkpointer.directory}; available steps: {available}")
+    else:
+        which = "step"
+    validation_loss = checkpointer.validation_loss(step)
     dataset = load_data(config)
     if split not in dataset.splits:
         raise RunError(f"dataset {dataset.name!r} has no split {split!r}; it has {sorted(dataset.splits)}")
@@ -385,7 +402,8 @@ def evaluate_run(workdir: str, *, step: int | None = None, which: str = "best", 
         summary = metrics.regression_report(true, predictions, dataset.target_names)
     else:
         summary = metrics.classification_report(true, predictions, dataset.target_names)
-    summary.update(loss=result["loss"], split=split, step=int(step), workdir=workdir)
+    summary.update(loss=result["loss"], split=split, step=int(step), checkpoint=which,
+                   validation_loss=validation_loss, workdir=workdir)
     if jax.process_index() == 0:
         report.write_json(os.path.join(workdir, f"eval_{split}.json"), summary)
         if dataset.task == "regression":

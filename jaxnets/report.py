@@ -28,6 +28,14 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def describe_checkpoint(report: dict) -> str:
+    """Which checkpoint a report comes from: 'best checkpoint step 20 (validation loss 1.207)'."""
+    kind = {"best": "best checkpoint", "latest": "latest checkpoint"}.get(report.get("checkpoint"), "checkpoint")
+    loss = report.get("validation_loss")
+    detail = "no validation loss: saved mid-epoch" if loss is None else f"validation loss {loss:.6g}"
+    return f"{kind} step {report['step']} ({detail})"
+
+
 def write_json(path: str, value: dict) -> None:
     """Writes value as indented JSON, atomically (temp file + rename)."""
     with open(path + ".tmp", "w") as f:

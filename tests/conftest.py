@@ -1,10 +1,60 @@
-"""Shared test settings: float32 CPU JAX, deterministic torch on few threads."""
+"""Shared test settings (float32 CPU JAX, deterministic torch on few threads) and helpers for the tests that
+run train.py / evaluate.py: tiny configurations, the CLI runner, and a run paused at a known step."""
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAUSE_AT_STEP_ENV = "JAXNETS_PAUSE_AT_STEP"  # jaxnets.experiment.PAUSE_AT_STEP_ENV, without importing JAX here
+
+# The smallest useful run: an MLP on 32 px lens images, 96 training examples in 6 batches of 16 per epoch.
+TINY = dict(model="mlp", hidden="32", image_size=32, num_train=96, num_validation=16, num_test=20,
+            batch_size=16, epochs=2, compilation_cache="")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs train.py/evaluate.py in subprocesses or trains Inception3 "
+                                       "(deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "torch: compares against PyTorch/torchvision")
+
+
+def cli_args(**values) -> list[str]:
+    """{"batch_size": 16} -> ["--batch-size", "16"]."""
+    args = []
+    for key, value in values.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def run_script(script: str, *args, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs train.py or evaluate.py from the repository root; returns the finished process (text output)."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def start_paused(args: list[str], step: int) -> subprocess.Popen:
+    """Starts train.py with args; returns once it has paused after training step `step`, waiting for a signal."""
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, PAUSE_AT_STEP_ENV: str(step)})
+    lines = []
+    for line in process.stderr:  # tqdm redraws with \r, so the marker may share a line with the bar
+        lines.append(line)
+        if f"paused after step {step} " in line:
+            return process
+    process.wait()
+    raise AssertionError(f"train.py never paused at step {step} (exit {process.returncode}):\n"
+                         + "".join(lines)[-3000:])
+
+
+def finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
 
 
 @pytest.fixture(scope="session")
@@ -12,3 +62,9 @@ def torch():
     torch = pytest.importorskip("torch")
     torch.set_num_threads(1)
     return torch
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """One TFDS folder for the whole session: each tiny lens dataset is built once."""
+    return str(tmp_path_factory.mktemp("tensorflow_datasets"))
