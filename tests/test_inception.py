@@ -10,16 +10,8 @@ import pytest
 from flax import nnx
 
 from jaxnets.convert import export_to_torch_state_dict, inception3_from_torch
-from jaxnets.models.inception import (
-    BasicConv2d,
-    BatchNorm2d,
-    Inception3,
-    _avg_pool_3x3_same,
-    _linear_head,
-    _max_pool_3x3_stride_2,
-    _pooled_branch,
-    _transform_input,
-)
+from jaxnets.models.inception import Inception3, _linear_head, _pooled_branch, _transform_input
+from jaxnets.models.layers import BasicConv2d, BatchNorm2d, avg_pool_3x3_same, max_pool_3x3_stride_2
 
 forward = nnx.jit(lambda model, images: model(images))
 
@@ -144,7 +136,7 @@ def test_eval_outputs_match_torchvision_1x128_grayscale(torch, gray_pair):
     assert relative_error(outputs, expected) <= 1e-4
 
 
-def test_jitted_train_step_uses_dropout_updates_state_and_ignores_masked_rows(gray_pair):
+def test_jitted_train_step_uses_dropout_and_updates_state(gray_pair):
     """The training loop's pattern (split once, plain jax.jit, merge with copy=True) in train mode."""
     _, model, images = gray_pair
     model.train()
@@ -152,21 +144,15 @@ def test_jitted_train_step_uses_dropout_updates_state_and_ignores_masked_rows(gr
     model.eval()
 
     @jax.jit
-    def step(params, state, images, mask):
+    def step(params, state, images):
         model = nnx.merge(graphdef, params, state, copy=True)
-        outputs = model(images, mask=mask)
+        outputs = model(images)
         return outputs, nnx.state(model, nnx.Not(nnx.Param))
 
-    mask = jnp.array([True, False])
     first = nhwc(images)
-    other = first.at[1].set(-first[1] * 3.0)  # a different padding row
-    outputs, new_state = step(params, state, first, mask)
-    outputs_other, new_state_other = step(params, state, other, mask)
-    outputs_again, _ = step(params, new_state, first, mask)
+    outputs, new_state = step(params, state, first)
+    outputs_again, _ = step(params, new_state, first)
 
-    # The masked row changes neither the state nor the real row's outputs.
-    np.testing.assert_array_equal(outputs[0], outputs_other[0])
-    jax.tree.map(np.testing.assert_array_equal, as_numbers(new_state), as_numbers(new_state_other))
     bn = new_state["Conv2d_1a_3x3"]["bn"]
     assert int(bn["num_batches_tracked"][...]) == int(state["Conv2d_1a_3x3"]["bn"]["num_batches_tracked"][...]) + 1
     assert not np.allclose(bn["mean"][...], state["Conv2d_1a_3x3"]["bn"]["mean"][...])
@@ -183,17 +169,17 @@ def as_numbers(state):
     ]
 
 
-def test_batchnorm_mask_counts_only_real_rows():
-    x = jax.random.normal(jax.random.key(0), (3, 5, 5, 4)) * 2.0 + 1.0
-    masked, alone = BatchNorm2d(4, rngs=nnx.Rngs(0)), BatchNorm2d(4, rngs=nnx.Rngs(0))
-    y_masked = masked(x, jnp.array([True, True, False]).reshape(3, 1, 1, 1))
-    y_alone = alone(x[:2])
-    np.testing.assert_allclose(y_masked[:2], y_alone, rtol=1e-5, atol=1e-6)
-    real = np.asarray(x[:2], np.float64)
-    np.testing.assert_allclose(masked.mean[...], 0.1 * real.mean((0, 1, 2)), rtol=1e-5)
-    # torch's running variance: 0.9 * 1 + 0.1 * unbiased variance over the 2 * 5 * 5 real values per channel.
-    np.testing.assert_allclose(masked.var[...], 0.9 + 0.1 * real.var((0, 1, 2), ddof=1), rtol=1e-5)
-    np.testing.assert_allclose(alone.var[...], masked.var[...], rtol=1e-6)
+def test_batchnorm_running_statistics_follow_torch():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 4)) * 2.0 + 1.0
+    bn = BatchNorm2d(4, rngs=nnx.Rngs(0))
+    y = bn(x)
+    real = np.asarray(x, np.float64)
+    expected = (real - real.mean((0, 1, 2))) / np.sqrt(real.var((0, 1, 2)) + 0.001)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bn.mean[...], 0.1 * real.mean((0, 1, 2)), rtol=1e-5)
+    # torch's running variance: 0.9 * 1 + 0.1 * unbiased variance over the 2 * 5 * 5 values per channel.
+    np.testing.assert_allclose(bn.var[...], 0.9 + 0.1 * real.var((0, 1, 2), ddof=1), rtol=1e-5)
+    assert int(bn.num_batches_tracked[...]) == 1
 
 
 def test_transform_input_matches_torchvision(torch, rgb_pair):
@@ -282,8 +268,6 @@ def test_shape_errors_name_what_was_expected(gray_pair, rgb_pair):
         gray(jnp.zeros((128, 128, 1)))
     with pytest.raises(ValueError, match="at least 75x75"):
         gray(jnp.zeros((2, 74, 200, 1)))
-    with pytest.raises(ValueError, match="mask"):
-        gray(jnp.zeros((2, 128, 128, 1)), mask=jnp.ones((3,), bool))
     gray.train()
     with pytest.raises(ValueError, match="more than one value per channel"):
         gray(jnp.zeros((1, 75, 75, 1)))
@@ -354,7 +338,7 @@ def test_max_pool_and_its_gradient_equal_lax_reduce_window(shape, dtype):
     for values in (rng.normal(size=shape), rng.integers(0, 3, shape)):  # the second has ties in most windows
         x = jnp.asarray(values, dtype)
         expected, expected_vjp = jax.vjp(reference, x)
-        actual, actual_vjp = jax.vjp(_max_pool_3x3_stride_2, x)
+        actual, actual_vjp = jax.vjp(max_pool_3x3_stride_2, x)
         np.testing.assert_array_equal(np.asarray(actual, np.float32), np.asarray(expected, np.float32))
         np.testing.assert_allclose(
             np.asarray(actual_vjp(pooled_grad)[0], np.float32),
@@ -367,8 +351,8 @@ def test_pooling_after_the_branch_convolution_is_the_same_function():
     """avg_pool(3x3, pad 1, count_include_pad) and a bias-free 1x1 convolution commute (the pool branches)."""
     layer = BasicConv2d(8, 5, 1, rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 7, 6, 8)), jnp.float32)
-    expected = layer(_avg_pool_3x3_same(x))
-    np.testing.assert_allclose(_pooled_branch(layer, x, None), expected, rtol=1e-5, atol=1e-6)
+    expected = layer(avg_pool_3x3_same(x))
+    np.testing.assert_allclose(_pooled_branch(layer, x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_batchnorm_tracing_never_probes_tracer_sharding(monkeypatch):

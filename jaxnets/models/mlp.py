@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxnets.activations import relu
+from jaxnets.models.layers import torch_uniform
 
 
 class MLP(nnx.Module):
@@ -41,7 +42,7 @@ class MLP(nnx.Module):
                     n_out,
                     # variance_scaling(1/3, fan_in, uniform) is torch's kaiming_uniform_(a=sqrt(5)).
                     kernel_init=nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-                    bias_init=_torch_bias_init(n_in),
+                    bias_init=torch_uniform(n_in),
                     dtype=dtype,
                     rngs=rngs,
                 )
@@ -59,12 +60,3 @@ class MLP(nnx.Module):
             x = self.activation(layer(x))
         return self.layers[-1](x)
 
-
-def _torch_bias_init(fan_in: int):
-    """torch.nn.Linear's bias init: uniform in +-1/sqrt(fan_in)."""
-    bound = 1.0 / fan_in**0.5
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
