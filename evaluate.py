@@ -11,6 +11,16 @@ from jaxnets import host_memory
 from jaxnets.config import Config
 
 
+def evaluate(args: argparse.Namespace) -> int:
+    from jaxnets import experiment, report
+
+    summary = experiment.evaluate_run(args.workdir, step=args.step, which=args.which or "best", split=args.split,
+                                      data_dir=args.data_dir)
+    print(f"{args.workdir}, {report.describe_checkpoint(summary)}, split {args.split}:")
+    print(report.format_report(summary))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--workdir", default=Config().run_dir, help="the run folder train.py wrote")
@@ -23,20 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", help="which split to evaluate (test, validation, train)")
     parser.add_argument("--data-dir", help="TFDS data folder, if not the one the run was trained with")
     args = parser.parse_args(argv)
-    from jaxnets import experiment, report
+    from jaxnets import experiment  # after argument parsing, so --help is instant
 
-    try:
-        summary = experiment.evaluate_run(args.workdir, step=args.step, which=args.which or "best",
-                                          split=args.split, data_dir=args.data_dir)
-    except (experiment.RunError, ValueError, OSError) as error:
-        # Problems with the user's input: one clear message, no traceback.
-        print(f"error: {error}", file=sys.stderr)
-        return getattr(error, "exit_code", 2)
-    print(f"{args.workdir}, {report.describe_checkpoint(summary)}, split {args.split}:")
-    print(report.format_report(summary))
-    return 0
+    return experiment.run_command(evaluate, args)
 
 
 if __name__ == "__main__":
-    host_memory.restart_with_huge_pages()  # before JAX allocates: ~12 % faster steps on CPU
+    host_memory.restart_with_huge_pages()  # before JAX allocates: faster steps on CPU
     sys.exit(main())

@@ -7,13 +7,15 @@ import argparse
 import dataclasses
 import json
 import os
-from typing import Any, get_args, get_origin
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
 CONFIG_FILE = "config.json"
 
 
-def _option(default: Any, help: str, choices: tuple | None = None) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def _option(default: Any, help: str, choices: tuple | None = None, *, resume: bool = False) -> Any:
+    """A Config field: its default, its --help text, its choices, and whether a resumed run must keep it."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "resume": resume})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,30 +23,37 @@ class Config:
     """Everything that defines a training run. Defaults reproduce the lecture's sample program."""
 
     # Data
-    dataset: str = _option("lens", "built-in 'lens' dataset, or any TFDS name (mnist, cifar10, ...)")
-    data: str | None = _option(None, "a CosmoSim CSV (index,filename,...,x,y,einsteinR,...); overrides --dataset")
+    dataset: str = _option("lens", "built-in 'lens' dataset, or any TFDS name (mnist, cifar10, ...)", resume=True)
+    data: str | None = _option(None, "a CosmoSim CSV (index,filename,...,x,y,einsteinR,...); overrides --dataset",
+                               resume=True)
     image_dir: str | None = _option(None, "folder of the CSV's images (default: the CSV's folder)")
-    test_data: str | None = _option(None, "a separate CosmoSim CSV for the test split")
-    targets: str | None = _option(None, "comma-separated regression targets, e.g. x,y,einsteinR (default: all)")
-    task: str | None = _option(
-        None, "lens only: regress the parameters or classify the lens type", ("regression", "classification")
+    test_data: str | None = _option(None, "a separate CosmoSim CSV for the test split", resume=True)
+    targets: tuple[str, ...] | None = _option(
+        None, "comma-separated regression targets, e.g. x,y,einsteinR (default: all)", resume=True
     )
-    image_size: int = _option(75, "side of the built-in lens images in pixels (Inception3 needs >= 75)")
-    num_train: int = _option(6400, "built-in lens dataset: training examples")
-    num_validation: int = _option(1000, "built-in lens dataset: validation examples")
-    num_test: int = _option(1000, "built-in lens dataset: test examples")
+    task: str | None = _option(
+        None, "lens only: regress the parameters or classify the lens type", ("regression", "classification"),
+        resume=True,
+    )
+    image_size: int = _option(75, "side of the built-in lens images in pixels (Inception3 needs >= 75)", resume=True)
+    num_train: int = _option(6400, "built-in lens dataset: training examples", resume=True)
+    num_validation: int = _option(1000, "built-in lens dataset: validation examples", resume=True)
+    num_test: int = _option(1000, "built-in lens dataset: test examples", resume=True)
     data_dir: str | None = _option(None, "TFDS data folder (default ~/tensorflow_datasets)")
-    standardize: bool = _option(True, "regression: train on targets standardised with the training split's mean/std")
+    standardize: bool = _option(
+        True, "regression: train on targets standardised with the training split's mean/std", resume=True
+    )
     # Model
-    model: str = _option("inception3", "the network", ("inception3", "mlp"))
-    hidden: str = _option("512,256", "mlp: comma-separated hidden layer sizes")
-    # The CosmoML regression head learns the lens parameters within the CPU budget; torchvision's plain fc
-    # (init std 0.1, 2048 inputs, dropout 0.5) starts with outputs of std ~4 and did not learn in 1,500 steps
-    # (bench/learning_curve.py, measured 2026-11-27).
-    head_features: str = _option("1024,512", "inception3: head layers after the 2048 pooled features, as in "
-                                 "CosmoML (2048-1024-ReLU-512-ReLU-n); '' for torchvision's plain fc")
+    model: str = _option("inception3", "the network", ("inception3", "mlp"), resume=True)
+    hidden: tuple[int, ...] = _option((512, 256), "mlp: comma-separated hidden layer sizes", resume=True)
+    # The CosmoML head learns the lens parameters within the CPU budget where torchvision's plain fc did not
+    # (README "The default run" and bench/learning_curve.py).
+    head_features: tuple[int, ...] = _option(
+        (1024, 512), "inception3: head layers after the 2048 pooled features, as in CosmoML "
+        "(2048-1024-ReLU-512-ReLU-n); '' for torchvision's plain fc", resume=True,
+    )
     dropout: float = _option(0.5, "inception3: dropout before the last layer")
-    aux_logits: bool = _option(False, "inception3: torchvision's auxiliary classifier (needs >= 299 px)")
+    aux_logits: bool = _option(False, "inception3: torchvision's auxiliary classifier (needs >= 299 px)", resume=True)
     init_from: str | None = _option(None, "a PyTorch Inception3 checkpoint (.pt/.pth state_dict) to start from")
     # Optimisation
     loss: str | None = _option(None, "loss function (default: mse for regression, cross_entropy for classification)",
@@ -56,10 +65,12 @@ class Config:
         ("constant", "cosine", "plateau"),
     )
     epochs: int = _option(3, "number of passes over the training split")
-    batch_size: int = _option(32, "global batch size (split over all devices)")
-    precision: str = _option("f32", "compute precision; bf16 keeps float32 weights and loss", ("f32", "bf16"))
-    seed: int = _option(0, "seed for initialisation, shuffling and dropout")
-    on_nan: str = _option("stop", "on a NaN/Inf loss: stop, or skip the step's update", ("stop", "skip"))
+    batch_size: int = _option(32, "global batch size (split over all devices)", resume=True)
+    precision: str = _option("f32", "compute precision; bf16 keeps float32 weights and loss", ("f32", "bf16"),
+                             resume=True)
+    seed: int = _option(0, "seed for initialisation, shuffling and dropout", resume=True)
+    on_nan: str = _option("stop", "on a NaN/Inf loss: stop, or skip the step's update", ("stop", "skip"),
+                          resume=True)
     # Run
     workdir: str | None = _option(None, "run folder for checkpoints and reports (default runs/<dataset>-<model>)")
     distributed: bool = _option(False, "multi-host: call jax.distributed.initialize() (auto-detects Slurm)")
@@ -96,11 +107,19 @@ class Config:
                 values = json.load(f)
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"{path} is not a readable jaxnets config: {error}") from None
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        fields = {field.name: field for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
         if unknown:
             raise ValueError(f"{path} has unknown fields {unknown}: written by another jaxnets version?")
-        return cls(**values)
+        try:
+            return cls(**{name: _from_json(fields[name].type, value) for name, value in values.items()})
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+
+    @classmethod
+    def resume_fields(cls) -> tuple[str, ...]:
+        """The fields a resumed run must share with the saved one (the rest, e.g. epochs or lr, may change)."""
+        return tuple(field.name for field in dataclasses.fields(cls) if field.metadata["resume"])
 
     def differences(self, other: "Config", fields: tuple[str, ...]) -> dict[str, tuple[Any, Any]]:
         """{field: (self's value, other's value)} for the named fields that differ."""
@@ -111,28 +130,78 @@ class Config:
         }
 
 
+def _item_type(annotation: Any) -> type | None:
+    """tuple[int, ...] | None -> int; any annotation that is not a tuple -> None."""
+    base = _base_type(annotation)
+    return get_args(base)[0] if get_origin(base) is tuple else None
+
+
+def _from_json(annotation: Any, value: Any) -> Any:
+    """A config.json value as the field holds it: JSON lists (or the comma strings that earlier versions
+    saved) become tuples."""
+    item = _item_type(annotation)
+    if item is None or value is None:
+        return value
+    return parse_list(value, item) if isinstance(value, str) else tuple(item(v) for v in value)
+
+
+def parse_list(text: str, item: type = str) -> tuple:
+    """'512, 256' -> (512, 256) for item=int; '' -> (). Raises ValueError naming a bad entry."""
+    values = []
+    for part in text.split(","):
+        if part.strip():
+            try:
+                values.append(item(part.strip()))
+            except ValueError:
+                raise ValueError(f"{part.strip()!r} in {text!r} is not a valid {item.__name__}") from None
+    return tuple(values)
+
+
+def format_value(value: Any) -> str:
+    """A field's value as the command line writes it: (512, 256) -> '512,256'."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else repr(value)
+
+
 def _base_type(annotation: Any) -> type:
-    """str | None -> str; int -> int."""
-    if get_origin(annotation) is not None:
+    """str | None -> str; tuple[int, ...] | None -> tuple[int, ...]; int -> int."""
+    if get_origin(annotation) in (Union, UnionType):
         return next(arg for arg in get_args(annotation) if arg is not type(None))
     return annotation
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one --option per Config field, defaults and help taken from Config."""
+    """An argparse parser with one --option per Config field, defaults and help taken from Config.
+
+    Tuple fields are typed once here: `--hidden 512,256` gives (512, 256).
+    """
     result = argparse.ArgumentParser(
         description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
-        kind = _base_type(field.type)
+        kind, item = _base_type(field.type), _item_type(field.type)
         if kind is bool:
             result.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
                                 help=field.metadata["help"])
+        elif item is not None:
+            # A string default is parsed by `type` too, and --help shows it as the user types it.
+            default = None if field.default is None else ",".join(map(str, field.default))
+            result.add_argument(flag, type=_list_argument(item), default=default, help=field.metadata["help"])
         else:
             result.add_argument(flag, type=kind, default=field.default, choices=field.metadata["choices"],
                                 help=field.metadata["help"])
     return result
+
+
+def _list_argument(item: type):
+    def convert(text: str) -> tuple:
+        try:
+            return parse_list(text, item)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    convert.__name__ = f"comma-separated {item.__name__} list"  # argparse names the type in its error
+    return convert
 
 
 def from_args(args: argparse.Namespace) -> Config:

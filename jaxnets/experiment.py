@@ -5,35 +5,24 @@ This module is the edge of the library: it prints, draws progress bars and write
 """
 
 import dataclasses
-import json
 import os
-import signal
 import sys
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from absl import logging as absl_logging
 import numpy as np
 import optax
+from absl import logging as absl_logging
 from flax import nnx
-from tqdm import tqdm
 
 from jaxnets import data as data_lib
-from jaxnets import host_memory, losses, metrics, report, training
+from jaxnets import host_memory, losses, metrics, monitor, report, training
 from jaxnets.checkpoint import CHECKPOINT_DIR, Checkpointer
-from jaxnets.config import Config
+from jaxnets.config import Config, format_value
 from jaxnets.data import pipeline
 from jaxnets.models import MLP, Inception3
-
-METRICS_FILE = "metrics.jsonl"
-# Tests set this to a step number: training pauses after that step until a signal arrives, so signal tests
-# interrupt at a known step instead of racing the epoch.
-PAUSE_AT_STEP_ENV = "JAXNETS_PAUSE_AT_STEP"
-# Fields that must agree between a saved run and a resumed one (the rest, e.g. epochs or lr, may change).
-RESUME_FIELDS = ("dataset", "data", "test_data", "targets", "task", "image_size", "num_train",
-                 "num_validation", "num_test", "standardize", "model", "hidden", "head_features",
-                 "aux_logits", "batch_size", "precision", "seed", "on_nan")
 
 
 class RunError(Exception):
@@ -42,6 +31,16 @@ class RunError(Exception):
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def run_command(body: Callable[..., int], *args) -> int:
+    """Runs a command-line tool's body and returns its exit code; a problem with the user's input (RunError,
+    a bad value, an unreadable file) becomes one line on stderr and exit code 2 (or the RunError's), no traceback."""
+    try:
+        return body(*args)
+    except (RunError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return getattr(error, "exit_code", 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,10 +58,9 @@ def setup_jax(config: Config) -> None:
 
 
 def load_data(config: Config) -> data_lib.Dataset:
-    targets = [t.strip() for t in config.targets.split(",") if t.strip()] if config.targets else None
     return data_lib.load_dataset(
         config.dataset, data=config.data, image_dir=config.image_dir, test_data=config.test_data,
-        targets=targets, image_size=config.image_size, num_train=config.num_train,
+        targets=config.targets or None, image_size=config.image_size, num_train=config.num_train,
         num_validation=config.num_validation, num_test=config.num_test, task=config.task,
         data_dir=config.data_dir, seed=config.seed)
 
@@ -78,10 +76,6 @@ def num_outputs(dataset: data_lib.Dataset) -> int:
     return dataset.num_classes if dataset.task == "classification" else len(dataset.target_names)
 
 
-def _sizes(text: str) -> tuple[int, ...]:
-    return tuple(int(s) for s in text.split(",") if s.strip())
-
-
 def build_model(config: Config, dataset: data_lib.Dataset) -> nnx.Module:
     """The network named by config.model, sized for dataset's images and outputs."""
     dtype = jnp.bfloat16 if config.precision == "bf16" else jnp.float32
@@ -89,9 +83,9 @@ def build_model(config: Config, dataset: data_lib.Dataset) -> nnx.Module:
     outputs = num_outputs(dataset)
     rngs = nnx.Rngs(config.seed)
     if config.model == "mlp":
-        return MLP(height * width * channels, _sizes(config.hidden), outputs, dtype=dtype, rngs=rngs)
+        return MLP(height * width * channels, config.hidden, outputs, dtype=dtype, rngs=rngs)
     kwargs = dict(in_channels=channels, aux_logits=config.aux_logits, dropout=config.dropout,
-                  head_features=_sizes(config.head_features), dtype=dtype)
+                  head_features=config.head_features, dtype=dtype)
     if config.init_from:
         from jaxnets import convert
 
@@ -127,47 +121,6 @@ def build_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTrans
 
 
 # ---------------------------------------------------------------------------------------------
-# Signals: finish the step, checkpoint, exit 130 (SIGINT) or 143 (SIGTERM).
-
-
-class StopSignals:
-    """Records SIGINT/SIGTERM instead of dying mid-step; a second SIGINT exits at once."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:
-            # Orbax finalises checkpoints by rename, so exiting now cannot corrupt the last complete one.
-            print("\nSecond interrupt: exiting now.", file=sys.stderr, flush=True)
-            os._exit(130)
-        self.received = signum
-        print(f"\n{signal.Signals(signum).name} received: finishing the step and saving a checkpoint "
-              "(Ctrl-C again to exit at once).", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + int(self.received or 0)
-
-    def pause(self, step: int, timeout: float = 300.0) -> None:
-        """Waits (up to timeout seconds) for a signal; announces the step on stderr first."""
-        print(f"paused after step {step} for a signal ({PAUSE_AT_STEP_ENV})", file=sys.stderr, flush=True)
-        deadline = time.monotonic() + timeout
-        while self.received is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-
-# ---------------------------------------------------------------------------------------------
 # Training
 
 
@@ -179,9 +132,10 @@ def _check_saved_config(config: Config, workdir: str) -> None:
         raise RunError(f"workdir {workdir!r} has checkpoints but no config.json: use another --workdir") from None
     except ValueError as error:
         raise RunError(str(error)) from None
-    differences = saved.differences(config, RESUME_FIELDS)
+    differences = saved.differences(config, Config.resume_fields())
     if differences:
-        listed = "; ".join(f"{k}: saved {a!r}, requested {b!r}" for k, (a, b) in differences.items())
+        listed = "; ".join(f"{k}: saved {format_value(a)}, requested {format_value(b)}"
+                           for k, (a, b) in differences.items())
         raise RunError(f"workdir {workdir!r} holds a run with a different setup ({listed}). Use another "
                        f"--workdir for a fresh run, or the saved options to resume this one.")
 
@@ -196,33 +150,43 @@ def _lower_train_step(train_step, state: training.TrainState, batch, model: nnx.
                        f"{tuple(batch['image'].shape[1:])}: {error}") from None
 
 
-def _read_history(path: str, completed_epochs: int) -> list[dict]:
-    """metrics.jsonl records of the epochs a checkpoint covers (later lines are from a lost tail)."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return [r for r in records if r["epoch"] <= completed_epochs]
-
-
-def _write_history(path: str, history: list[dict]) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in history)
-    os.replace(path + ".tmp", path)
-
-
-def _tensorboard(workdir: str):
+def _resume(config: Config, checkpointer: Checkpointer, state: training.TrainState):
+    """Where training starts: (state, epoch, batch, partial epoch sums, history), from the latest checkpoint
+    if the workdir has one (after checking its setup matches), else from the beginning."""
+    if checkpointer.latest_step() is None:
+        return state, 1, 0, None, []
+    _check_saved_config(config, config.run_dir)
     try:
-        from tensorboardX import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(os.path.join(workdir, "tensorboard"))
+        state, record = checkpointer.restore(state)
+    except ValueError as error:
+        raise RunError(str(error)) from None
+    epoch, batch = record["epoch"] + 1, record["batch"]
+    print(f"Resuming from {checkpointer.directory} step {int(state.step)}: epoch {epoch}, batch {batch}",
+          flush=True)
+    partial = None if record.get("partial") is None else jax.tree.map(jnp.asarray, record["partial"])
+    return state, epoch, batch, partial, monitor.read_history(config.run_dir, record["epoch"])
+
+
+def _save_interrupted(checkpointer: Checkpointer, state: training.TrainState, record: dict, workdir: str) -> None:
+    """Checkpoints a run stopped mid-epoch, with the data position and partial sums, and says how to resume."""
+    checkpointer.save(state, record)
+    checkpointer.wait()  # say "saved" only once it is
+    print(f"Saved a checkpoint at step {int(state.step)} (epoch {record['epoch'] + 1}, batch {record['batch']}) "
+          f"in {checkpointer.directory}. Resume with the same command:\n  python train.py --workdir {workdir} ...",
+          file=sys.stderr, flush=True)
+
+
+def _diverged(summary: dict, epoch: int, checkpointer: Checkpointer, config: Config) -> RunError:
+    return RunError(f"the loss became NaN or Inf at step {summary.get('first_nonfinite_step', '?')} in epoch "
+                    f"{epoch}; training stopped and the last good checkpoint in {checkpointer.directory} is "
+                    f"kept. Try a lower learning rate (--lr {config.lr / 10:g}) or --on-nan skip.", exit_code=3)
 
 
 def train_and_evaluate(config: Config) -> dict:
     """Trains config's model on its dataset; resumes from the workdir's latest checkpoint if any.
 
-    Returns the history of per-epoch metrics. Raises RunError for problems the user can fix.
+    Returns {"history": per-epoch metrics, "interrupted": the exit code of a received signal, or None}.
+    Raises RunError for problems the user can fix.
     """
     setup_jax(config)
     workdir = config.run_dir
@@ -243,105 +207,59 @@ def train_and_evaluate(config: Config) -> dict:
                                 model)
     # Everything is checked: only now is anything written to the workdir.
     checkpointer = Checkpointer(workdir)
-    epoch, start_batch, partial = 1, 0, None
-    history_path = os.path.join(workdir, METRICS_FILE)
-    history: list[dict] = []
-    if checkpointer.latest_step() is not None:
-        _check_saved_config(config, workdir)
-        try:
-            state, record = checkpointer.restore(state)
-        except ValueError as error:
-            raise RunError(str(error)) from None
-        epoch, start_batch = record["epoch"] + 1, record["batch"]
-        partial = record.get("partial")
-        history = _read_history(history_path, record["epoch"])
-        print(f"Resuming from {checkpointer.directory} step {int(state.step)}: epoch {epoch}, batch "
-              f"{start_batch}", flush=True)
+    state, first_epoch, start_batch, totals, history = _resume(config, checkpointer, state)
     config.save(workdir)
-    _write_history(history_path, history)
+    is_main = jax.process_index() == 0
+    writer = monitor.MetricWriter(workdir, history, enabled=is_main)
     state = training.replicate(state, mesh)
-    # Compile before the first step and give the compiler's freed memory back, so that it and the step's buffers do
-    # not both count towards the peak (b32 1x128^2 float32 Inception3 step: 3.25 -> 2.29 GB).
+    # Compile before the first step and give the compiler's freed memory back, so that it and the step's buffers
+    # do not both count towards the peak memory.
     train_step = lowered.compile()
     host_memory.release_freed_memory()
     record_base = {"target_mean": None if standardize is None else standardize[0].tolist(),
                    "target_std": None if standardize is None else standardize[1].tolist()}
-    is_main = jax.process_index() == 0
-    writer = _tensorboard(workdir) if is_main else None
-    pause_at = int(os.environ[PAUSE_AT_STEP_ENV]) if os.environ.get(PAUSE_AT_STEP_ENV) else None
-    with StopSignals() as stop:
+    with monitor.StopSignals() as stop:
         try:
-            while epoch <= config.epochs:
+            for epoch in range(first_epoch, config.epochs + 1):
                 started = time.perf_counter()
                 batches = pipeline.batches(dataset, "train", config.batch_size, train=True, seed=config.seed,
                                            epoch=epoch, start_batch=start_batch, standardize=standardize)
-                totals = None if partial is None else jax.tree.map(jnp.asarray, partial)
-                bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch}/{config.epochs}",
-                           unit="batch", leave=False, disable=not is_main, dynamic_ncols=True)
-                position = {"batch": start_batch}
-
-                def on_step(state, totals):
-                    position["batch"] += 1
-                    bar.update(1)
-                    if pause_at is not None and int(state.step) == pause_at:
-                        stop.pause(pause_at)
-                    # A host sync only every 20 steps: the running loss for the bar and a NaN check.
-                    if position["batch"] % 20 == 0:
-                        summary = training.summarize(totals)
-                        rate = bar.format_dict["rate"] or 0.0
-                        bar.set_postfix(loss=f"{summary['loss']:.4g}", img_s=f"{rate * config.batch_size:.1f}")
-                        if summary["nonfinite"] and config.on_nan == "stop":
-                            return False
-                    return stop.received is None
-
+                progress = monitor.Progress(epoch, config.epochs, start_batch=start_batch, total=steps_per_epoch,
+                                            batch_size=config.batch_size, stop=stop,
+                                            stop_on_nan=config.on_nan == "stop", show=is_main)
                 state, totals, finished = training.train_epoch(state, batches, train_step, mesh, totals=totals,
-                                                               on_step=on_step)
-                bar.close()
+                                                               on_step=progress)
+                progress.close()
                 summary = training.summarize(totals)
                 if summary["nonfinite"] and config.on_nan == "stop":
-                    raise RunError(
-                        f"the loss became NaN or Inf at step {summary.get('first_nonfinite_step', '?')} in epoch "
-                        f"{epoch}; training stopped and the last good "
-                        f"checkpoint in {checkpointer.directory} is kept. Try a lower learning rate (--lr "
-                        f"{config.lr / 10:g}) or --on-nan skip.", exit_code=3)
+                    raise _diverged(summary, epoch, checkpointer, config)
                 if not finished:
-                    record = dict(record_base, epoch=epoch - 1, batch=position["batch"],
-                                  partial=jax.tree.map(lambda x: x.item(), jax.device_get(totals)))
-                    checkpointer.save(state, record)
-                    checkpointer.wait()  # say "saved" only once it is
-                    print(f"Saved a checkpoint at step {int(state.step)} (epoch {epoch}, batch {position['batch']}) "
-                          f"in {checkpointer.directory}. Resume with the same command:\n  python train.py "
-                          f"--workdir {workdir} ...", file=sys.stderr, flush=True)
-                    return {"history": history, "interrupted": stop.exit_code}
+                    partial = jax.tree.map(lambda x: x.item(), jax.device_get(totals))
+                    _save_interrupted(checkpointer, state, dict(record_base, epoch=epoch - 1, batch=progress.batch,
+                                                                partial=partial), workdir)
+                    return {"history": writer.history, "interrupted": stop.exit_code}
                 validation = training.evaluate(
                     state, pipeline.batches(dataset, "validation", config.batch_size, train=False,
                                             standardize=standardize), eval_step, mesh)
                 elapsed = time.perf_counter() - started
-                entry = {"epoch": epoch, "step": int(state.step), "loss": summary["loss"],
-                         "validation_loss": validation["loss"], "skipped_steps": summary["nonfinite"],
-                         "seconds": round(elapsed, 2)}
                 print(f"Epoch {epoch}: Loss = {summary['loss']:.6g}, Validation loss = {validation['loss']:.6g}, "
                       f"time = {elapsed:.1f} s", flush=True)
                 checkpointer.save(state, dict(record_base, epoch=epoch, batch=0, partial=None), validation["loss"])
-                history.append(entry)
-                if is_main:
-                    _write_history(history_path, history)
-                    if writer is not None:
-                        writer.add_scalar("loss/train", entry["loss"], epoch)
-                        writer.add_scalar("loss/validation", entry["validation_loss"], epoch)
-                epoch, start_batch, partial = epoch + 1, 0, None
+                writer.write({"epoch": epoch, "step": int(state.step), "loss": summary["loss"],
+                              "validation_loss": validation["loss"], "skipped_steps": summary["nonfinite"],
+                              "seconds": round(elapsed, 2)})
+                start_batch, totals = 0, None
                 if stop.received is not None:
-                    print(f"Stopped after epoch {epoch - 1}; resume with the same command.", file=sys.stderr)
-                    return {"history": history, "interrupted": stop.exit_code}
+                    print(f"Stopped after epoch {epoch}; resume with the same command.", file=sys.stderr)
+                    return {"history": writer.history, "interrupted": stop.exit_code}
         finally:
             # Every way out (finished, interrupted, diverged) waits for the async save and flushes the events,
             # still under StopSignals, so a second Ctrl-C during the wait exits at once.
             checkpointer.close()
-            if writer is not None:
-                writer.close()
-    if is_main and history:
-        report.plot_loss_curve(os.path.join(workdir, "loss_curve.png"), history)
-    return {"history": history, "interrupted": None}
+            writer.close()
+    if is_main and writer.history:
+        report.plot_loss_curve(os.path.join(workdir, "loss_curve.png"), writer.history)
+    return {"history": writer.history, "interrupted": None}
 
 
 # ---------------------------------------------------------------------------------------------

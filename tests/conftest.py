@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAUSE_AT_STEP_ENV = "JAXNETS_PAUSE_AT_STEP"  # jaxnets.experiment.PAUSE_AT_STEP_ENV, without importing JAX here
 
 # The smallest useful run: an MLP on 32 px lens images, 96 training examples in 6 batches of 16 per epoch.
-TINY = dict(model="mlp", hidden="32", image_size=32, num_train=96, num_validation=16, num_test=20,
+TINY = dict(model="mlp", hidden=(32,), image_size=32, num_train=96, num_validation=16, num_test=20,
             batch_size=16, epochs=2, compilation_cache="")
 
 
@@ -24,10 +24,10 @@ def pytest_configure(config):
 
 
 def cli_args(**values) -> list[str]:
-    """{"batch_size": 16} -> ["--batch-size", "16"]."""
+    """{"batch_size": 16, "hidden": (32, 16)} -> ["--batch-size", "16", "--hidden", "32,16"]."""
     args = []
     for key, value in values.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
+        args += [f"--{key.replace('_', '-')}", ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
     return args
 
 

@@ -11,11 +11,44 @@ def test_cli_is_generated_from_the_dataclass_with_its_defaults():
     parser = config_lib.parser("test")
     assert config_lib.from_args(parser.parse_args([])) == Config()
     changed = config_lib.from_args(parser.parse_args(
-        ["--lr", "0.01", "--no-standardize", "--model", "mlp", "--head-features", "", "--epochs", "7"]))
+        ["--lr", "0.01", "--no-standardize", "--model", "mlp", "--head-features", "", "--epochs", "7",
+         "--hidden", "64, 32", "--targets", "x,einsteinR"]))
     assert (changed.lr, changed.standardize, changed.model, changed.head_features, changed.epochs) == \
-        (0.01, False, "mlp", "", 7)
+        (0.01, False, "mlp", (), 7)
+    assert (changed.hidden, changed.targets) == ((64, 32), ("x", "einsteinR"))  # typed once, at the CLI
     with pytest.raises(SystemExit):
         parser.parse_args(["--loss", "hinge"])
+
+
+def test_a_bad_list_entry_is_named(capsys):
+    with pytest.raises(SystemExit):
+        config_lib.parser("test").parse_args(["--hidden", "64,sixty"])
+    assert "'sixty' in '64,sixty' is not a valid int" in capsys.readouterr().err
+
+
+def test_help_shows_list_defaults_as_typed():
+    text = " ".join(config_lib.parser("test").format_help().split())  # unwrapped
+    assert "(default: 512,256)" in text and "(default: 1024,512)" in text
+
+
+def test_resume_fields_are_marked_on_the_fields():
+    fields = Config.resume_fields()
+    assert {"dataset", "model", "hidden", "batch_size", "seed", "image_size"} <= set(fields)
+    assert not {"lr", "epochs", "schedule", "workdir", "data_dir", "compilation_cache"} & set(fields)
+
+
+def test_library_defaults_are_the_config_defaults():
+    import inspect
+
+    from jaxnets import data
+    from jaxnets.data import lens
+
+    defaults = Config()
+    signature = inspect.signature(data.load_dataset).parameters
+    for name in ("dataset", "image_size", "num_train", "num_validation", "num_test", "seed"):
+        assert signature[name].default == getattr(defaults, name)
+        if name != "dataset":
+            assert inspect.signature(lens.build).parameters[name].default == getattr(defaults, name)
 
 
 def test_help_explains_every_option(capsys):
@@ -28,10 +61,20 @@ def test_help_explains_every_option(capsys):
 
 
 def test_save_and_load_round_trip(tmp_path):
-    config = Config(dataset="mnist", model="mlp", lr=3e-4, workdir=str(tmp_path))
+    config = Config(dataset="mnist", model="mlp", lr=3e-4, hidden=(64, 32), targets=("x", "y"), workdir=str(tmp_path))
     config.save(str(tmp_path))
     assert Config.load(str(tmp_path)) == config
-    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 3e-4
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["lr"], saved["hidden"], saved["targets"]) == (3e-4, [64, 32], ["x", "y"])
+
+
+def test_configs_saved_with_comma_strings_still_load(tmp_path):
+    # Runs saved before list options were typed hold "512,256" and "": they resume unchanged.
+    values = json.loads(Config().to_json())
+    values.update(hidden="64,32", head_features="", targets="x,y")
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    loaded = Config.load(str(tmp_path))
+    assert (loaded.hidden, loaded.head_features, loaded.targets) == ((64, 32), (), ("x", "y"))
 
 
 def test_load_explains_missing_or_foreign_files(tmp_path):

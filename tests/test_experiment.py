@@ -3,45 +3,27 @@
 import csv
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+from conftest import TINY, cli_args, run_script
 from jaxnets import experiment, training
 from jaxnets.checkpoint import Checkpointer
 from jaxnets.config import Config
 from jaxnets.data import pipeline
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_args(workdir, data_dir, *extra):
-    return ["--model", "mlp", "--hidden", "32", "--image-size", "32", "--num-train", "96",
-            "--num-validation", "16", "--num-test", "20", "--batch-size", "16", "--epochs", "2",
-            "--workdir", str(workdir), "--data-dir", str(data_dir), "--compilation-cache", "", *extra]
-
-
-def run_script(script, *args, timeout=300):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
-
 
 def tiny_config(tmp_path, **changes):
-    values = dict(model="mlp", hidden="32", image_size=32, num_train=96, num_validation=16, num_test=20,
-                  batch_size=16, epochs=2, workdir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"),
-                  compilation_cache="")
-    return Config(**{**values, **changes})
+    return Config(**{**TINY, "workdir": str(tmp_path / "run"), "data_dir": str(tmp_path / "data"), **changes})
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     workdir, data_dir = tmp / "run", tmp / "data"
-    trained = run_script("train.py", *tiny_args(workdir, data_dir))
+    trained = run_script("train.py", *cli_args(**TINY, workdir=workdir, data_dir=data_dir))
     assert trained.returncode == 0, trained.stderr[-3000:]
     evaluated = run_script("evaluate.py", "--workdir", workdir)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
@@ -100,8 +82,8 @@ def test_resume_gives_identical_parameters_and_history(tmp_path):
 def test_incompatible_workdir_is_refused_with_the_differences(tmp_path):
     config = tiny_config(tmp_path, epochs=1)
     experiment.train_and_evaluate(config)
-    with pytest.raises(experiment.RunError, match=r"hidden: saved '32', requested '64'.*--workdir"):
-        experiment.train_and_evaluate(dataclasses.replace(config, hidden="64"))
+    with pytest.raises(experiment.RunError, match=r"hidden: saved 32, requested 64.*--workdir"):
+        experiment.train_and_evaluate(dataclasses.replace(config, hidden=(64,)))
 
 
 def test_classification_run_reports_accuracy_and_confusion(tmp_path):

@@ -3,15 +3,11 @@
 Most cases run the real train.py / evaluate.py in a subprocess and check the exit code and message.
 """
 
-import dataclasses
 import json
 import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -19,55 +15,16 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxnets import experiment, losses, training
+from conftest import TINY as TINY_RUN
+from conftest import cli_args, finish, run_script, start_paused
+from jaxnets import experiment, losses, monitor, training
 from jaxnets.checkpoint import Checkpointer
 from jaxnets.config import Config
 from jaxnets.models import MLP
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# An MLP big enough that an epoch of 128 steps lasts a few seconds: time to interrupt it mid-epoch.
-SLOW = dict(model="mlp", hidden="1024,1024", image_size=64, num_train=2048, num_validation=32, num_test=32,
-            batch_size=16, epochs=2, compilation_cache="")
-TINY = dict(model="mlp", hidden="32", image_size=32, num_train=64, num_validation=16, num_test=16,
-            batch_size=16, epochs=1, compilation_cache="")
-
-
-def cli_args(**values) -> list[str]:
-    args = []
-    for key, value in values.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    return args
-
-
-def run(script, *args, timeout=300):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data"))
-
-
-def start_and_interrupt(args, signals, min_batch=5):
-    """Starts train.py, waits until the progress bar passes min_batch of epoch 1, sends the signals."""
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    os.set_blocking(process.stderr.fileno(), False)
-    seen, deadline = b"", time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        chunk = process.stderr.read() or b""
-        seen += chunk
-        done = [int(n) for n in re.findall(rb"epoch 1/\d+:\s+\d+%\|[^|]*\|\s*(\d+)/", seen)]
-        if done and max(done) >= min_batch:
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, seen.decode(errors="replace")[-2000:]
-    for sig in signals:
-        process.send_signal(sig)
-        time.sleep(0.02)
-    out, rest = process.communicate(timeout=240)
-    return process.returncode, out.decode(), (seen + rest).decode(errors="replace")
+TINY = {**TINY_RUN, "num_train": 64, "num_test": 16, "epochs": 1}  # 4 steps per epoch
+# Two epochs of 6 steps; signal tests pause at a known step of epoch 1 (JAXNETS_PAUSE_AT_STEP) and interrupt it.
+TWO_EPOCHS = {**TINY_RUN, "epochs": 2}
 
 
 def final_state(workdir):
@@ -84,20 +41,24 @@ def history(workdir):
         return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in f]
 
 
-def test_sigterm_mid_epoch_checkpoints_and_resume_is_exact(tmp_path, data_dir):
+@pytest.mark.slow
+@pytest.mark.parametrize("sent, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_mid_epoch_checkpoints_and_resume_is_exact(tmp_path, data_dir, sent, code):
     interrupted = str(tmp_path / "interrupted")
-    args = cli_args(**SLOW, workdir=interrupted, data_dir=data_dir)
-    code, _, err = start_and_interrupt(args, [signal.SIGTERM])
-    assert code == 143, err[-2000:]
-    assert "SIGTERM received" in err and "Resume with the same command" in err
-    _, record = final_state(interrupted)
-    assert record["epoch"] == 0 and 5 <= record["batch"] < 128  # stopped inside epoch 1
-    resumed = run("train.py", *args)
+    args = cli_args(**TWO_EPOCHS, workdir=interrupted, data_dir=data_dir)
+    process = start_paused(args, step=3)
+    process.send_signal(sent)
+    returncode, _, err = finish(process)
+    assert returncode == code, err[-2000:]
+    assert f"{signal.Signals(sent).name} received" in err and "Resume with the same command" in err
+    state, record = final_state(interrupted)
+    assert (record["epoch"], record["batch"], int(state.step)) == (0, 3, 3)  # stopped inside epoch 1, at step 3
+    resumed = run_script("train.py", *args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "Resuming from" in resumed.stdout
+    assert "Resuming from" in resumed.stdout and "epoch 1, batch 3" in resumed.stdout
 
     straight = str(tmp_path / "straight")
-    experiment.train_and_evaluate(Config(**SLOW, workdir=straight, data_dir=data_dir))
+    experiment.train_and_evaluate(Config(**TWO_EPOCHS, workdir=straight, data_dir=data_dir))
     (state_a, record_a), (state_b, record_b) = final_state(straight), final_state(interrupted)
     assert record_a == record_b
     for a, b in zip(jax.tree.leaves(state_a.params) + jax.tree.leaves(state_a.opt_state),
@@ -107,23 +68,27 @@ def test_sigterm_mid_epoch_checkpoints_and_resume_is_exact(tmp_path, data_dir):
     assert [h["epoch"] for h in history(interrupted)] == [1, 2]
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_exits_at_once_and_the_run_still_resumes(tmp_path, data_dir):
     workdir = str(tmp_path / "run")
-    args = cli_args(**SLOW, workdir=workdir, data_dir=data_dir)
-    code, _, err = start_and_interrupt(args, [signal.SIGINT, signal.SIGINT])
+    args = cli_args(**TWO_EPOCHS, workdir=workdir, data_dir=data_dir)
+    process = start_paused(args, step=3)
+    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGINT)
+    code, _, err = finish(process)
     assert code == 130, err[-2000:]
-    # Either the second Ctrl-C cut the save short, or the first one had already finished it: both exit 130.
+    # The second Ctrl-C lands during the save or just after it: either way the exit is 130 at once.
     assert "Second interrupt" in err or "Saved a checkpoint" in err
     # Whatever the second Ctrl-C cut short, a new run starts or resumes cleanly and finishes.
-    again = run("train.py", *args)
+    again = run_script("train.py", *args)
     assert again.returncode == 0, again.stderr[-2000:]
     assert [h["epoch"] for h in history(workdir)] == [1, 2]
 
 
 def test_second_interrupt_exits_at_once(monkeypatch, capsys):
     exits = []
-    monkeypatch.setattr(experiment.os, "_exit", lambda code: exits.append(code))
-    with experiment.StopSignals() as stop:
+    monkeypatch.setattr(monitor.os, "_exit", lambda code: exits.append(code))
+    with monitor.StopSignals() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.received == signal.SIGINT and exits == []  # the first one only asks to stop
         os.kill(os.getpid(), signal.SIGINT)
@@ -143,7 +108,7 @@ def test_unfinished_checkpoint_folder_is_ignored_with_a_warning(tmp_path, data_d
     with pytest.warns(UserWarning, match="ignoring 1 unfinished checkpoint"):
         checkpointer = Checkpointer(workdir, read_only=True)
     assert checkpointer.steps() == [step]
-    result = run("evaluate.py", "--workdir", workdir)
+    result = run_script("evaluate.py", "--workdir", workdir)
     assert result.returncode == 0 and f"step {step}" in result.stdout
 
 
@@ -152,7 +117,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
     experiment.train_and_evaluate(Config(**TINY, workdir=workdir, data_dir=data_dir))
     good_step = Checkpointer(workdir, read_only=True).latest_step()
     # A learning rate of 1e30 blows the weights up within a step or two of epoch 2.
-    result = run("train.py", *cli_args(**{**TINY, "epochs": 2, "lr": 1e30}, workdir=workdir, data_dir=data_dir))
+    result = run_script("train.py", *cli_args(**{**TINY, "epochs": 2, "lr": 1e30}, workdir=workdir, data_dir=data_dir))
     assert result.returncode == 3, result.stderr[-2000:]
     assert re.search(r"NaN or Inf at step \d+ in epoch 2", result.stderr)
     assert "lower learning rate" in result.stderr
@@ -177,9 +142,9 @@ def test_on_nan_skip_leaves_the_parameters_untouched():
 def test_incompatible_workdir_is_refused_by_the_cli(tmp_path, data_dir):
     workdir = str(tmp_path / "run")
     experiment.train_and_evaluate(Config(**TINY, workdir=workdir, data_dir=data_dir))
-    result = run("train.py", *cli_args(**{**TINY, "hidden": 64}, workdir=workdir, data_dir=data_dir))
+    result = run_script("train.py", *cli_args(**{**TINY, "hidden": (64,)}, workdir=workdir, data_dir=data_dir))
     assert result.returncode == 2
-    assert "hidden: saved '32', requested '64'" in result.stderr and "--workdir" in result.stderr
+    assert "hidden: saved 32, requested 64" in result.stderr and "--workdir" in result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -190,10 +155,10 @@ def trained_workdir(tmp_path_factory, data_dir):
 
 
 def test_evaluate_on_missing_empty_or_corrupt_workdirs(tmp_path, trained_workdir):
-    missing = run("evaluate.py", "--workdir", tmp_path / "nope")
+    missing = run_script("evaluate.py", "--workdir", tmp_path / "nope")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     (tmp_path / "empty").mkdir()
-    empty = run("evaluate.py", "--workdir", tmp_path / "empty")
+    empty = run_script("evaluate.py", "--workdir", tmp_path / "empty")
     assert empty.returncode == 2 and "train first" in empty.stderr
     corrupt = tmp_path / "corrupt"
     shutil.copytree(trained_workdir, corrupt)
@@ -202,16 +167,16 @@ def test_evaluate_on_missing_empty_or_corrupt_workdirs(tmp_path, trained_workdir
             if "state" in root and not name.startswith("_"):
                 with open(os.path.join(root, name), "r+b") as f:
                     f.write(b"\0garbage" * 64)
-    damaged = run("evaluate.py", "--workdir", corrupt)
+    damaged = run_script("evaluate.py", "--workdir", corrupt)
     assert damaged.returncode == 2 and "damaged" in damaged.stderr, damaged.stderr[-2000:]
     (corrupt / "config.json").write_text("{not json")
-    config = run("evaluate.py", "--workdir", corrupt)
+    config = run_script("evaluate.py", "--workdir", corrupt)
     assert config.returncode == 2 and "config.json" in config.stderr
 
 
 def test_evaluate_unknown_step_lists_the_available_ones(trained_workdir):
     step = Checkpointer(trained_workdir, read_only=True).latest_step()
-    result = run("evaluate.py", "--workdir", trained_workdir, "--step", 999)
+    result = run_script("evaluate.py", "--workdir", trained_workdir, "--step", 999)
     assert result.returncode == 2
     assert f"no checkpoint at step 999" in result.stderr and f"available steps: [{step}]" in result.stderr
 
@@ -224,7 +189,7 @@ def test_evaluate_unknown_step_lists_the_available_ones(trained_workdir):
 ])
 def test_bad_training_input_is_refused_before_anything_is_written(tmp_path, data_dir, change, message):
     workdir = tmp_path / "run"
-    result = run("train.py", *cli_args(**{**TINY, **change}, workdir=workdir, data_dir=data_dir))
+    result = run_script("train.py", *cli_args(**{**TINY, **change}, workdir=workdir, data_dir=data_dir))
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (workdir / "config.json").exists()
@@ -237,6 +202,6 @@ def test_init_from_a_file_that_is_not_an_inception3_state_dict(tmp_path, data_di
     torch.save(torch.nn.Linear(3, 2).state_dict(), other)
     base = {**TINY, "model": "inception3", "image_size": 80}
     for path, message in ((not_a_state_dict, "state_dict"), (other, "weight")):
-        result = run("train.py", *cli_args(**base, init_from=path, workdir=tmp_path / "run", data_dir=data_dir))
+        result = run_script("train.py", *cli_args(**base, init_from=path, workdir=tmp_path / "run", data_dir=data_dir))
         assert result.returncode == 2, result.stderr[-2000:]
         assert message in result.stderr and "Traceback" not in result.stderr

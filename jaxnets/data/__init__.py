@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxnets.config import Config
 from jaxnets.data import cosmosim, lens
 
+DEFAULTS = Config()  # the one source of defaults, shared with train.py's command line
 TASKS = ("regression", "classification")
 SPLITS = ("train", "validation", "test")
 INSTALL_TF = "pip install 'jaxnets[tf]'"
@@ -130,10 +132,11 @@ class Dataset:
         return mean.copy(), std.copy()
 
 
-def load_dataset(dataset: str = "lens", *, data: str | None = None, image_dir: str | None = None,
-                 test_data: str | None = None, targets: Sequence[str] | None = None, image_size: int = 128,
-                 num_train: int = 8000, num_validation: int = 1000, num_test: int = 1000,
-                 task: str | None = None, data_dir: str | None = None, seed: int = 0,
+def load_dataset(dataset: str = DEFAULTS.dataset, *, data: str | None = None, image_dir: str | None = None,
+                 test_data: str | None = None, targets: Sequence[str] | None = None,
+                 image_size: int = DEFAULTS.image_size, num_train: int = DEFAULTS.num_train,
+                 num_validation: int = DEFAULTS.num_validation, num_test: int = DEFAULTS.num_test,
+                 task: str | None = None, data_dir: str | None = None, seed: int = DEFAULTS.seed,
                  validation_fraction: float = 0.1, test_fraction: float = 0.1) -> Dataset:
     """Loads (building or converting once if needed) one of the three kinds of dataset.
 

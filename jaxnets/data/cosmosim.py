@@ -244,7 +244,7 @@ def build(data: str | Path, *, image_dir: str | Path | None = None, test_data: s
     test_path = None if test_data is None else Path(test_data).expanduser().resolve()
     image_dir_path = None if image_dir is None else Path(image_dir).expanduser().resolve()
     if isinstance(targets, str):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
+        targets = [targets]
     options = {"targets": None if targets is None else list(targets), "seed": seed,
                "validation_fraction": validation_fraction,
                "test_fraction": None if test_path is not None else test_fraction}

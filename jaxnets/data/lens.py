@@ -41,6 +41,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from jaxnets.config import Config
+
+DEFAULTS = Config()  # lens dataset sizes default to the run's defaults
 PARAM_NAMES = ("x", "y", "einsteinR", "sigma", "sigma2", "theta")
 LENS_NAMES = ("sis", "point_mass")
 SPLIT_NAMES = ("train", "validation", "test")
@@ -142,19 +145,20 @@ def generate(num_images: int, image_size: int, seed: int | np.random.SeedSequenc
 class LensConfig(tfds.core.BuilderConfig):
     """Image size, split sizes and seed; all are in the name, so a cache is never reused for other sizes."""
 
-    image_size: int = 128
-    num_train: int = 8000
-    num_validation: int = 1000
-    num_test: int = 1000
-    seed: int = 0
+    image_size: int = DEFAULTS.image_size
+    num_train: int = DEFAULTS.num_train
+    num_validation: int = DEFAULTS.num_validation
+    num_test: int = DEFAULTS.num_test
+    seed: int = DEFAULTS.seed
 
     def split_sizes(self) -> dict[str, int]:
         return {"train": self.num_train, "validation": self.num_validation, "test": self.num_test}
 
 
-def lens_config(image_size: int = 128, num_train: int = 8000, num_validation: int = 1000, num_test: int = 1000,
-                seed: int = 0) -> LensConfig:
-    """A LensConfig named like `s128_n8000-1000-1000_seed0`."""
+def lens_config(image_size: int = DEFAULTS.image_size, num_train: int = DEFAULTS.num_train,
+                num_validation: int = DEFAULTS.num_validation, num_test: int = DEFAULTS.num_test,
+                seed: int = DEFAULTS.seed) -> LensConfig:
+    """A LensConfig named like `s75_n6400-1000-1000_seed0`."""
     for label, value in (("image_size", image_size), ("num_train", num_train),
                          ("num_validation", num_validation), ("num_test", num_test), ("seed", seed)):
         if not isinstance(value, (int, np.integer)) or value < 0 or (label == "image_size" and value < 2):
@@ -180,8 +184,8 @@ class Lens(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     code_path = epath.Path(__file__)
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "SIS and point-mass lenses, elliptical Gaussian sources."}
-    BUILDER_CONFIGS = [lens_config(size) for size in (64, 128, 256, 512)]
-    DEFAULT_CONFIG_NAME = "s128_n8000-1000-1000_seed0"
+    BUILDER_CONFIGS = [lens_config(), *(lens_config(size) for size in (64, 128, 256, 512))]
+    DEFAULT_CONFIG_NAME = lens_config().name
 
     def _info(self) -> tfds.core.DatasetInfo:
         size = self.builder_config.image_size
@@ -231,8 +235,9 @@ class Lens(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     yield index, {"image": image, "params": params[index], "lens": lens[index]}
 
 
-def build(image_size: int = 128, num_train: int = 8000, num_validation: int = 1000, num_test: int = 1000,
-          seed: int = 0, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+def build(image_size: int = DEFAULTS.image_size, num_train: int = DEFAULTS.num_train,
+          num_validation: int = DEFAULTS.num_validation, num_test: int = DEFAULTS.num_test,
+          seed: int = DEFAULTS.seed, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
     """Builds the dataset into `data_dir` (TFDS default ~/tensorflow_datasets) once; later calls reuse it."""
     config = lens_config(image_size, num_train, num_validation, num_test, seed)
     # A predefined config is passed by name: TFDS warns about every custom config object.
