@@ -18,17 +18,10 @@ Implementation = Literal["auto", "lax", "dot"]
 IMPLEMENTATION_ENV = "JAXNETS_CONV"
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
-# Why dots on CPU (jax 0.10.2 on the 2-core Xeon with AVX512-BF16/AMX; bench/conv_shapes.py, GFLOP/s over all of
-# Inception3's layers, batch 32 1x128^2, forward+backward): lax 57 -> dot 85 in float32, 54 -> 151 in bfloat16.
-# XLA:CPU hands convolutions to YNNPACK or Eigen: fine forward (100-160 GFLOP/s on mid-size grids), but the kernel
-# gradient is a convolution whose window is the whole image (10-100 GFLOP/s), the input gradient of stride-2 and
-# 2x2-grid layers falls to Eigen at 2-7 GFLOP/s, and bfloat16 convolutions are no faster than float32 (and sum less
-# accurately). Its dots run at 130-170 GFLOP/s in float32 and 300-1000 in bfloat16. im2col pays for copying the
-# patches (XLA concatenates at 1-4 GB/s), so lax alone still wins the 5x5 and some float32 1x7/7x1 and big-grid 3x3
-# layers; keeping lax for those in the model measured no faster (stem: -3..-6 %, 5x5: +1 %), so "auto" is all dots.
-# Train step b32 1x128^2 (Adam, MSE), lax -> dot: float32 18.3 -> 27.0 img/s, bfloat16 17.3 -> 38.7 img/s.
-# lax.conv_general_dilated_patches builds the patches with a convolution and was slower than slicing (stem 3x3:
-# 17 vs 23 GFLOP/s forward; 1x7: 34 vs 127).
+# Why dots on CPU: XLA:CPU's convolution gradients (whole-image kernel windows, strided input gradients) and its
+# bfloat16 convolutions are slow, while its matrix products run near the CPU's peak, so im2col + dot wins the train
+# step overall even where lax wins a single layer. Figures: README, Benchmarks, "Why the code is as it is";
+# per-layer measurements: bench/conv_shapes.py.
 
 
 def conv2d(
@@ -66,8 +59,8 @@ def _resolve(implementation: Implementation | None) -> str:
     if implementation not in ("auto", "lax", "dot"):
         raise ValueError(f"conv2d implementation must be 'auto', 'lax' or 'dot'; got {implementation!r}")
     if implementation == "auto":
-        # cuDNN's convolutions are what a GPU is built for; XLA:CPU's are not (see the measurements above). H200,
-        # jax 0.11.2, Inception3 bf16 train step b256 3x299^2: lax 3728 img/s, dot 2398 img/s.
+        # cuDNN's convolutions are what a GPU is built for (im2col measured slower there; README, Benchmarks);
+        # XLA:CPU's are not (see above).
         return "dot" if jax.default_backend() == "cpu" else "lax"
     return implementation
 
@@ -101,7 +94,7 @@ def _conv_lax(
 
 
 def _accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype | None:
-    """float32 accumulation for 16-bit floats (bf16 dots run on AVX512-BF16/AMX at 2-3x float32's rate)."""
+    """float32 accumulation for 16-bit floats (bf16 dots run on AVX512-BF16/AMX several times faster than float32)."""
     return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else None
 
 
@@ -130,8 +123,8 @@ def patches(
         return images
     dtype = images.dtype
     channels = images.shape[3]
-    # XLA copies the patches element by element, so two bfloat16 values moved as one 32-bit word take half the time
-    # (stem 3x3, 32 channels: 95 ms -> 58 ms); this is a pure copy, the bits are untouched.
+    # XLA copies the patches element by element, so moving two bfloat16 values as one 32-bit word nearly halves the
+    # time; this is a pure copy, the bits are untouched.
     as_words = jnp.dtype(dtype).itemsize == 2 and channels % 2 == 0
     if as_words:
         images = lax.bitcast_convert_type(images.reshape(*images.shape[:3], channels // 2, 2), jnp.uint32)
@@ -174,8 +167,8 @@ def _conv_dot_backward(strides, padding, precision, residuals, output_grad):
     """Both gradients as matrix products, the transposes of the forward one.
 
     A custom rule rather than autodiff so bfloat16 stays bfloat16 into the dots: autodiff of a dot with float32
-    accumulation feeds the float32 cotangent in and upcasts the other operand, i.e. float32 dots (measured 40 vs
-    400 GFLOP/s for a 1x1 layer's backward).
+    accumulation feeds the float32 cotangent in and upcasts the other operand, i.e. float32 dots, an order of
+    magnitude slower on a bfloat16-capable CPU.
     """
     images, kernel = residuals
     kernel_h, kernel_w, in_channels, out_channels = kernel.shape
@@ -192,7 +185,7 @@ def _conv_dot_backward(strides, padding, precision, residuals, output_grad):
 
     # d weights = columns^T @ d output, summed over batch and grid: [k_h * k_w * in, out]. Written as
     # (d output^T @ columns)^T: XLA's dot wants its left operand's contracted axis innermost, so this way it
-    # transposes d output (out channels wide) instead of the k_h * k_w times wider columns (train step -12%).
+    # transposes d output (out channels wide) instead of the k_h * k_w times wider columns.
     columns = patches(images, (kernel_h, kernel_w), strides, padding)
     kernel_grad = _matmul(output_grad, columns, (0, 1, 2), (0, 1, 2), precision, kernel.dtype).T
     return images_grad, kernel_grad.reshape(kernel.shape)

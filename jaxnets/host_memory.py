@@ -1,17 +1,16 @@
 """Host memory on Linux/glibc: huge pages for XLA:CPU's per-step buffers, and handing freed memory back.
 
 Transparent huge pages, by restarting the program with glibc's malloc tunable set: XLA:CPU allocates each step's
-temporary buffers afresh; glibc serves blocks above 32 MB with mmap and returns them on free, so every step touches
-~1.2 GB of new 4 KiB pages: ~300,000 page faults per Inception3 train step (b32 1x128^2). With
-GLIBC_TUNABLES=glibc.malloc.hugetlb=1, malloc asks the kernel for 2 MiB pages on those mappings (madvise), and the
-same step takes ~1,000 faults and runs 12-14 % faster (jax 0.10.2, 2-core Xeon; README, Benchmarks). glibc reads
-its tunables only at start-up, hence the restart.
+temporary buffers afresh; glibc serves large blocks with mmap and returns them on free, so every step touches
+fresh 4 KiB pages and pays a page fault for each. With GLIBC_TUNABLES=glibc.malloc.hugetlb=1, malloc asks the
+kernel for 2 MiB pages on those mappings (madvise): a few hundred times fewer faults and a faster step (figures:
+README, Benchmarks). glibc reads its tunables only at start-up, hence the restart.
 
 Standard library only: call it before importing JAX. Set JAXNETS_HUGE_PAGES=0 to leave the program as started.
 
-Compiling Inception3's train step leaves ~1 GB of freed memory in malloc's heap, which the process keeps; the step's
-own buffers (another ~1.1 GB) then come on top. `release_freed_memory()` after compiling returns it: peak RSS of a
-process that compiles and runs the b32 1x128^2 float32 train step 3.25 -> 2.29 GB.
+Compiling a large train step leaves the compiler's freed memory in malloc's heap, which the process keeps; the
+step's own buffers then come on top. `release_freed_memory()` after compiling returns it and lowers the peak RSS
+(README, Benchmarks).
 """
 
 import ctypes
