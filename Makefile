@@ -1,4 +1,4 @@
-# Two commands: `make train` (the main job) and `make test` (the whole suite).
+# Two commands: `make train` (the main job) and `make test` (lint, format check and the whole suite).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -21,6 +21,8 @@ train: $(VENV)/.installed
 	$(BIN)/python evaluate.py
 
 test: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed-test

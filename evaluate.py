@@ -14,8 +14,9 @@ from jaxnets.config import Config
 def evaluate(args: argparse.Namespace) -> int:
     from jaxnets import experiment, report
 
-    summary = experiment.evaluate_run(args.workdir, step=args.step, which=args.which or "best", split=args.split,
-                                      data_dir=args.data_dir)
+    summary = experiment.evaluate_run(
+        args.workdir, step=args.step, which=args.which or "best", split=args.split, data_dir=args.data_dir
+    )
     print(f"{args.workdir}, {report.describe_checkpoint(summary)}, split {args.split}:")
     print(report.format_report(summary))
     return 0
@@ -26,10 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=Config().run_dir, help="the run folder train.py wrote")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--step", type=int, help="evaluate the checkpoint of this training step")
-    which.add_argument("--best", dest="which", action="store_const", const="best",
-                       help="the checkpoint with the lowest validation loss (default)")
-    which.add_argument("--latest", dest="which", action="store_const", const="latest",
-                       help="the most recent checkpoint")
+    which.add_argument(
+        "--best",
+        dest="which",
+        action="store_const",
+        const="best",
+        help="the checkpoint with the lowest validation loss (default)",
+    )
+    which.add_argument(
+        "--latest", dest="which", action="store_const", const="latest", help="the most recent checkpoint"
+    )
     parser.add_argument("--split", default="test", help="which split to evaluate (test, validation, train)")
     parser.add_argument("--data-dir", help="TFDS data folder, if not the one the run was trained with")
     args = parser.parse_args(argv)

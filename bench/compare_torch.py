@@ -53,10 +53,14 @@ def jax_worker(mode: str, batch: int, channels: int, size: int, precision: str) 
     mesh = training.data_mesh()
     state = training.replicate(state, mesh)
     rng = np.random.default_rng(0)
-    data = training.shard_batch({
-        "image": rng.random((batch, size, size, channels), np.float32),
-        "target": rng.normal(size=(batch, NUM_OUTPUTS)).astype(np.float32),
-        "mask": np.ones(batch, np.float32)}, mesh)
+    data = training.shard_batch(
+        {
+            "image": rng.random((batch, size, size, channels), np.float32),
+            "target": rng.normal(size=(batch, NUM_OUTPUTS)).astype(np.float32),
+            "mask": np.ones(batch, np.float32),
+        },
+        mesh,
+    )
     step = training.make_train_step(losses.mse) if mode == "train" else training.make_eval_step(losses.mse)
     started = time.perf_counter()
     compiled = step.lower(state, data).compile()
@@ -128,7 +132,11 @@ class Worker:
     def __init__(self, side: str, case: str, precision: str, env: dict | None = None):
         self.process = subprocess.Popen(
             [sys.executable, __file__, "--worker", side, "--cases", case, "--precision", precision],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
         self.info = self._read()
 
     def _read(self) -> dict:
@@ -174,8 +182,9 @@ def pipeline_rate(batch: int, size: int) -> float:
     from jaxnets.data import load_dataset, pipeline
 
     with tempfile.TemporaryDirectory() as data_dir:
-        dataset = load_dataset("lens", image_size=size, num_train=4 * batch * 20, num_validation=batch,
-                               num_test=batch, data_dir=data_dir)
+        dataset = load_dataset(
+            "lens", image_size=size, num_train=4 * batch * 20, num_validation=batch, num_test=batch, data_dir=data_dir
+        )
         stats = dataset.target_stats()
         for _ in pipeline.batches(dataset, "train", batch, train=True, epoch=0, standardize=stats):
             break
@@ -196,11 +205,20 @@ def compare(case: str, precision: str, rounds: int, steps: int) -> dict:
         torch_rates.append(steps * batch / torch_side.time(steps))
     jax_peak, torch_peak = jax_side.close()["peak_rss_mib"], torch_side.close()["peak_rss_mib"]
     jax_median, torch_median = statistics.median(jax_rates), statistics.median(torch_rates)
-    return {"case": case, "precision": precision, "batch": batch, "input": f"{channels}x{size}x{size}",
-            "jaxnets_img_s": round(jax_median, 2), "pytorch_img_s": round(torch_median, 2),
-            "ratio": round(jax_median / torch_median, 3),
-            "jaxnets_peak_rss_mib": round(jax_peak), "pytorch_peak_rss_mib": round(torch_peak),
-            "rounds": rounds, "steps_per_round": steps, "torch": torch_side.info.get("torch")}
+    return {
+        "case": case,
+        "precision": precision,
+        "batch": batch,
+        "input": f"{channels}x{size}x{size}",
+        "jaxnets_img_s": round(jax_median, 2),
+        "pytorch_img_s": round(torch_median, 2),
+        "ratio": round(jax_median / torch_median, 3),
+        "jaxnets_peak_rss_mib": round(jax_peak),
+        "pytorch_peak_rss_mib": round(torch_peak),
+        "rounds": rounds,
+        "steps_per_round": steps,
+        "torch": torch_side.info.get("torch"),
+    }
 
 
 def device_benchmark(batch: int, steps: int, rounds: int, peak_tflops: float) -> dict:
@@ -209,10 +227,17 @@ def device_benchmark(batch: int, steps: int, rounds: int, peak_tflops: float) ->
     worker.close()
     rate = statistics.median(rates)
     achieved = rate * 3 * FORWARD_GFLOP_299 * 1e9
-    return {"case": "device-train299", "device": worker.info["device"], "batch": batch, "precision": "bf16",
-            "img_s": round(rate, 1), "tflops": round(achieved / 1e12, 1),
-            "mfu": round(achieved / (peak_tflops * 1e12), 3), "peak_tflops_assumed": peak_tflops,
-            "compile_s": round(worker.info["compile_seconds"], 1)}
+    return {
+        "case": "device-train299",
+        "device": worker.info["device"],
+        "batch": batch,
+        "precision": "bf16",
+        "img_s": round(rate, 1),
+        "tflops": round(achieved / 1e12, 1),
+        "mfu": round(achieved / (peak_tflops * 1e12), 3),
+        "peak_tflops_assumed": peak_tflops,
+        "compile_s": round(worker.info["compile_seconds"], 1),
+    }
 
 
 def main() -> None:
@@ -246,14 +271,21 @@ def main() -> None:
 
     import jax
 
-    header = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-              "cpus": os.cpu_count(), "jax": jax.__version__, "python": platform.python_version(),
-              "load_before": round(os.getloadavg()[0], 2)}
+    header = {
+        "date": datetime.date.today().isoformat(),
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "load_before": round(os.getloadavg()[0], 2),
+    }
     if not args.device and header["load_before"] > 1.0:
         # PyTorch's OpenMP threads spin at barriers: another busy process on these 2 cores slows it up to 20x
         # (measured), which would flatter the ratio. Run this on an otherwise idle machine.
-        print(f"warning: load average {header['load_before']}: other processes will distort the comparison",
-              file=sys.stderr)
+        print(
+            f"warning: load average {header['load_before']}: other processes will distort the comparison",
+            file=sys.stderr,
+        )
     if args.device:
         result = device_benchmark(args.device_batch, args.steps, args.rounds, args.peak_tflops)
         print(json.dumps({**header, **result}))
@@ -265,14 +297,18 @@ def main() -> None:
                 continue
             results.append(compare(case, precision, args.rounds, args.steps))
             r = results[-1]
-            print(f"{r['case']:<10} {r['precision']:<5} b{r['batch']:<3} {r['input']:<10} jaxnets "
-                  f"{r['jaxnets_img_s']:7.2f} img/s  PyTorch {r['pytorch_img_s']:7.2f} img/s  ratio "
-                  f"{r['ratio']:.2f}  peak RSS {r['jaxnets_peak_rss_mib']} / {r['pytorch_peak_rss_mib']} MiB",
-                  flush=True)
+            print(
+                f"{r['case']:<10} {r['precision']:<5} b{r['batch']:<3} {r['input']:<10} jaxnets "
+                f"{r['jaxnets_img_s']:7.2f} img/s  PyTorch {r['pytorch_img_s']:7.2f} img/s  ratio "
+                f"{r['ratio']:.2f}  peak RSS {r['jaxnets_peak_rss_mib']} / {r['pytorch_peak_rss_mib']} MiB",
+                flush=True,
+            )
     extras = compile_times("f32")
     extras["pipeline_img_s_b32_128"] = round(pipeline_rate(32, 128), 1)
-    print(f"compile (train128 f32): cold {extras['compile_cold_s']} s, from cache {extras['compile_cached_s']} s; "
-          f"input pipeline b32 128²: {extras['pipeline_img_s_b32_128']} img/s")
+    print(
+        f"compile (train128 f32): cold {extras['compile_cold_s']} s, from cache {extras['compile_cached_s']} s; "
+        f"input pipeline b32 128²: {extras['pipeline_img_s_b32_128']} img/s"
+    )
     print(json.dumps({**header, "results": results, **extras, "load_after": round(os.getloadavg()[0], 2)}))
 
 

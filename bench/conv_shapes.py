@@ -11,10 +11,11 @@ JSON line. The shapes are collected by running Inception3 itself, so they are ex
 
 import argparse
 import collections
+import functools
 import json
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -109,7 +110,9 @@ def main() -> None:
                 images_shape, kernel_shape, strides, padding = shape
                 images = jnp.asarray(rng.standard_normal(images_shape), dtype)
                 kernel = jnp.asarray(rng.standard_normal(kernel_shape) * 0.1, dtype)
-                output = jax.eval_shape(lambda: jaxnets_conv.conv2d(images, kernel, strides, padding))
+                output = jax.eval_shape(
+                    functools.partial(jaxnets_conv.conv2d, strides=strides, padding=padding), images, kernel
+                )
                 output_grad = jnp.asarray(rng.standard_normal(output.shape), dtype)
                 per_implementation = {impl: make_functions(shape, impl) for impl in ("lax", "dot")}
                 row = []
@@ -125,8 +128,11 @@ def main() -> None:
                     row.append(f"{mode} lax {work / timed['lax'] / 1e9:5.0f} dot {work / timed['dot'] / 1e9:5.0f}")
                 class_flops[shape_class(shape)] += flops(shape) * layers
                 if args.per_shape:
-                    print(f"{size_spec} {dtype_name} {layers:2d}x {images_shape} {kernel_shape} s{strides[0]} "
-                          f"p{padding[0][0]}{padding[1][0]}: " + " | ".join(row), flush=True)
+                    print(
+                        f"{size_spec} {dtype_name} {layers:2d}x {images_shape} {kernel_shape} s{strides[0]} "
+                        f"p{padding[0][0]}{padding[1][0]}: " + " | ".join(row),
+                        flush=True,
+                    )
             for name in [*sorted(class_flops), "all"]:
                 names = list(class_flops) if name == "all" else [name]
                 work = sum(class_flops[n] for n in names)
@@ -138,7 +144,10 @@ def main() -> None:
                         entry[f"{mode} {impl} ms"] = round(total * 1e3, 1)
                 results.append(entry)
 
-    header = f"{'size':10s} {'dtype':9s} {'class':16s} {'GFLOP':>6s} | GFLOP/s  fwd: lax   dot  ratio | fwd+bwd: lax   dot  ratio"
+    header = (
+        f"{'size':10s} {'dtype':9s} {'class':16s} {'GFLOP':>6s} "
+        "| GFLOP/s  fwd: lax   dot  ratio | fwd+bwd: lax   dot  ratio"
+    )
     print(header)
     print("-" * len(header))
     for e in results:

@@ -59,8 +59,14 @@ def main() -> None:
 
     results = {"render": [], "build": [], "pipeline_train": [], "pipeline_eval": []}
     with tempfile.TemporaryDirectory() as data_dir:
-        dataset = load_dataset("lens", image_size=args.image_size, num_train=args.num_train,
-                               num_validation=args.num_validation, num_test=args.num_test, data_dir=data_dir)
+        dataset = load_dataset(
+            "lens",
+            image_size=args.image_size,
+            num_train=args.num_train,
+            num_validation=args.num_validation,
+            num_test=args.num_test,
+            data_dir=data_dir,
+        )
         num_batches(dataset, "train", args.batch_size, train=True)  # validates the batch size early
         # Alternate the measurements round by round: the machine is shared and its speed drifts.
         for round_number in range(args.rounds):
@@ -70,18 +76,33 @@ def main() -> None:
             results["pipeline_eval"].append(pipeline_rate(dataset, args.batch_size, False, round_number))
 
     medians = {name: statistics.median(values) for name, values in results.items()}
-    print(f"\n{args.image_size}x{args.image_size}, splits {sizes}, batch {args.batch_size}, "
-          f"{args.rounds} rounds, {platform.processor() or platform.machine()}")
-    labels = {"render": "lens ray tracing (sample + render)", "build": "lens TFDS build (render+zlib+write)",
-              "pipeline_train": "pipeline, train (shuffle, standardise)", "pipeline_eval": "pipeline, eval (pad, mask)"}
+    print(
+        f"\n{args.image_size}x{args.image_size}, splits {sizes}, batch {args.batch_size}, "
+        f"{args.rounds} rounds, {platform.processor() or platform.machine()}"
+    )
+    labels = {
+        "render": "lens ray tracing (sample + render)",
+        "build": "lens TFDS build (render+zlib+write)",
+        "pipeline_train": "pipeline, train (shuffle, standardise)",
+        "pipeline_eval": "pipeline, eval (pad, mask)",
+    }
     for name, value in medians.items():
         spread = f"{min(results[name]):8.0f} - {max(results[name]):.0f}"
         print(f"  {labels[name]:42s} {value:8.0f} images/s   (range {spread})")
     ratio = medians["pipeline_train"] / INCEPTION3_TRAIN_IMAGES_PER_S
     print(f"  pipeline / Inception3 train step ({INCEPTION3_TRAIN_IMAGES_PER_S} images/s): {ratio:.0f}x")
-    print(json.dumps({"benchmark": "data_throughput", "image_size": args.image_size, "splits": sizes,
-                      "batch_size": args.batch_size, "images_per_s": {k: round(v) for k, v in medians.items()},
-                      "pipeline_over_inception3_train": round(ratio, 1)}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "data_throughput",
+                "image_size": args.image_size,
+                "splits": sizes,
+                "batch_size": args.batch_size,
+                "images_per_s": {k: round(v) for k, v in medians.items()},
+                "pipeline_over_inception3_train": round(ratio, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -33,18 +33,27 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--eval-every", type=int, default=300)
-    parser.add_argument("--configs", default="dropout=0.5", help="';'-separated Inception3 keyword sets, "
-                        "e.g. 'dropout=0.5;dropout=0;head_features=1024,512'")
+    parser.add_argument(
+        "--configs",
+        default="dropout=0.5",
+        help="';'-separated Inception3 keyword sets, e.g. 'dropout=0.5;dropout=0;head_features=1024,512'",
+    )
     args = parser.parse_args()
 
     images, params, _ = lens.generate(args.num_train + args.num_validation, args.image_size, seed=0)
     images = images.astype(np.float32) / 255
-    mean, std = params[:args.num_train].mean(0), params[:args.num_train].std(0)
+    mean, std = params[: args.num_train].mean(0), params[: args.num_train].std(0)
     targets = ((params - mean) / std).astype(np.float32)
-    train = (images[:args.num_train], targets[:args.num_train])
-    validation = [{"image": images[i:i + 250], "target": targets[i:i + 250], "mask": np.ones(250, np.float32),
-                   "index": np.arange(i, i + 250)}
-                  for i in range(args.num_train, args.num_train + args.num_validation, 250)]
+    train = (images[: args.num_train], targets[: args.num_train])
+    validation = [
+        {
+            "image": images[i : i + 250],
+            "target": targets[i : i + 250],
+            "mask": np.ones(250, np.float32),
+            "index": np.arange(i, i + 250),
+        }
+        for i in range(args.num_train, args.num_train + args.num_validation, 250)
+    ]
     mesh = training.data_mesh()
     for text in args.configs.split(";"):
         kwargs = {}
@@ -59,18 +68,29 @@ def main() -> None:
         for step in range(1, args.steps + 1):
             if position + args.batch_size > len(order):
                 order, position = rng.permutation(args.num_train), 0
-            rows = order[position:position + args.batch_size]
+            rows = order[position : position + args.batch_size]
             position += args.batch_size
             batch = {"image": train[0][rows], "target": train[1][rows], "mask": np.ones(len(rows), np.float32)}
             state, metrics = train_step(state, training.shard_batch(batch, mesh))
             if step % args.eval_every == 0:
                 result = training.evaluate(state, validation, eval_step, mesh, with_predictions=True)
-                print(json.dumps({"config": text, "step": step, "images_seen": step * args.batch_size,
-                                  "train_loss": training.summarize(metrics)["loss"],
-                                  "validation_loss": round(result["loss"], 4),
-                                  "r2": dict(zip(lens.PARAM_NAMES, r2(result["targets"], result["predictions"]))),
-                                  "seconds": round(time.perf_counter() - started, 1),
-                                  "device": jax.devices()[0].device_kind}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "config": text,
+                            "step": step,
+                            "images_seen": step * args.batch_size,
+                            "train_loss": training.summarize(metrics)["loss"],
+                            "validation_loss": round(result["loss"], 4),
+                            "r2": dict(
+                                zip(lens.PARAM_NAMES, r2(result["targets"], result["predictions"]), strict=True)
+                            ),
+                            "seconds": round(time.perf_counter() - started, 1),
+                            "device": jax.devices()[0].device_kind,
+                        }
+                    ),
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def plot(x, curves, slopes, path) -> None:
     figure, axes = plt.subplots(2, 3, figsize=(15, 8), sharex=True)
     names = ("threshold", "logistic", "relu")
     titles = ("threshold: f = 1 if x >= 0 else 0", "logistic: f = 1 / (1 + exp(-beta x))", "ReLU: f = max(0, x)")
-    for column, (name, title) in enumerate(zip(names, titles)):
+    for column, (name, title) in enumerate(zip(names, titles, strict=True)):
         for label, values in curves[name].items():
             axes[0, column].plot(x, values, label=label)
         for label, values in slopes[name].items():
@@ -43,14 +43,25 @@ def plot(x, curves, slopes, path) -> None:
     axes[0, 1].legend(fontsize=8)
     axes[1, 1].legend(fontsize=8)
     axes[1, 0].set_ylim(-0.1, 1.1)
-    axes[1, 0].text(0.03, 0.6, "JAX: exactly 0 everywhere, also at x = 0\n(mathematically a spike at 0):\n"
-                    "no gradient, so gradient descent\ncannot train a threshold unit",
-                    transform=axes[1, 0].transAxes, fontsize=9)
-    axes[1, 1].text(0.03, 0.8, "f'(x) = beta f(x) (1 - f(x)),\npeak beta / 4 at x = 0", transform=axes[1, 1].transAxes,
-                    fontsize=9)
+    axes[1, 0].text(
+        0.03,
+        0.6,
+        "JAX: exactly 0 everywhere, also at x = 0\n(mathematically a spike at 0):\n"
+        "no gradient, so gradient descent\ncannot train a threshold unit",
+        transform=axes[1, 0].transAxes,
+        fontsize=9,
+    )
+    axes[1, 1].text(
+        0.03, 0.8, "f'(x) = beta f(x) (1 - f(x)),\npeak beta / 4 at x = 0", transform=axes[1, 1].transAxes, fontsize=9
+    )
     axes[1, 2].set_ylim(-0.1, 1.1)
-    axes[1, 2].text(0.55, 0.4, "0 for x < 0, 1 for x > 0;\nJAX (like PyTorch)\nuses 0 at x = 0",
-                    transform=axes[1, 2].transAxes, fontsize=9)
+    axes[1, 2].text(
+        0.55,
+        0.4,
+        "0 for x < 0, 1 for x > 0;\nJAX (like PyTorch)\nuses 0 at x = 0",
+        transform=axes[1, 2].transAxes,
+        fontsize=9,
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -81,7 +92,7 @@ def main(num_points: int = 801, output_dir: str = DEFAULT_OUTPUT_DIR) -> dict:
     result = {
         "threshold_max_abs_derivative": float(jnp.max(jnp.abs(slopes["threshold"]["threshold"]))),
         "relu_derivative_at_0": float(jax.grad(activations.relu)(0.0)),
-        "relu_derivative": {float(v): float(d) for v, d in zip(at, derivative(activations.relu)(at))},
+        "relu_derivative": {float(v): float(d) for v, d in zip(at, derivative(activations.relu)(at), strict=True)},
         "logistic_derivative_at_0": {beta: float(jax.grad(f)(0.0)) for beta, f in logistic.items()},
         "logistic_threshold_gap": {
             beta: float(jnp.max(jnp.where(away_from_zero, jnp.abs(f(x) - activations.threshold(x)), 0.0)))
@@ -95,10 +106,14 @@ def main(num_points: int = 801, output_dir: str = DEFAULT_OUTPUT_DIR) -> dict:
 
     print(f"threshold: largest |f'(x)| on [-5, 5] = {result['threshold_max_abs_derivative']} (zero gradient)")
     print("ReLU: f'(-1), f'(0), f'(1) = " + ", ".join(f"{d:g}" for d in result["relu_derivative"].values()))
-    print("logistic: f'(0) = beta / 4: " + ", ".join(
-        f"beta {beta:g}: {d:.4f}" for beta, d in result["logistic_derivative_at_0"].items()))
-    print("logistic approaches threshold as beta grows, max |logistic - threshold| for |x| >= 0.25: " + ", ".join(
-        f"beta {beta:g}: {gap:.3g}" for beta, gap in result["logistic_threshold_gap"].items()))
+    print(
+        "logistic: f'(0) = beta / 4: "
+        + ", ".join(f"beta {beta:g}: {d:.4f}" for beta, d in result["logistic_derivative_at_0"].items())
+    )
+    print(
+        "logistic approaches threshold as beta grows, max |logistic - threshold| for |x| >= 0.25: "
+        + ", ".join(f"beta {beta:g}: {gap:.3g}" for beta, gap in result["logistic_threshold_gap"].items())
+    )
     print(f"saved {result['figure']}")
     return result
 

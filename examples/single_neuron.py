@@ -7,7 +7,7 @@ Run `python examples/single_neuron.py`: a few seconds on a laptop CPU; writes ex
 
 import argparse
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -94,13 +94,24 @@ def plot(points, labels, logistic_history, logistic_losses, threshold_losses, be
     xs = np.linspace(low, high, 2)
     shown = sorted({0, 1, 2, 5, 10, 20, 40, len(logistic_history) - 1} & set(range(len(logistic_history))))
     colours = plt.cm.Greys(np.linspace(0.3, 1.0, len(shown)))
-    for colour, step in zip(colours, shown):
+    for colour, step in zip(colours, shown, strict=True):
         w, b = np.asarray(logistic_history[step]["w"]), float(logistic_history[step]["b"])
         # w0 x + w1 y + b = 0  ->  y = -(w0 x + b) / w1
-        ax_points.plot(xs, -(w[0] * xs + b) / w[1], color=colour, lw=1.5 if step == shown[-1] else 1,
-                       label=f"step {step}" if step in (shown[0], shown[-1]) else None)
-    ax_points.set(xlim=(low, high), ylim=(low, high), aspect="equal", xlabel="x1", ylabel="x2",
-                  title="decision line w . x + b = 0, light (start) to dark (end)")
+        ax_points.plot(
+            xs,
+            -(w[0] * xs + b) / w[1],
+            color=colour,
+            lw=1.5 if step == shown[-1] else 1,
+            label=f"step {step}" if step in (shown[0], shown[-1]) else None,
+        )
+    ax_points.set(
+        xlim=(low, high),
+        ylim=(low, high),
+        aspect="equal",
+        xlabel="x1",
+        ylabel="x2",
+        title="decision line w . x + b = 0, light (start) to dark (end)",
+    )
     ax_points.legend(loc="upper left", fontsize=8)
 
     # 2. The loss: the logistic neuron learns; the threshold neuron's gradient is 0, so its loss never moves.
@@ -118,20 +129,34 @@ def plot(points, labels, logistic_history, logistic_losses, threshold_losses, be
     ax_beta.plot(distance, activations.threshold(distance), "k--", label="threshold")
     point_distance = (points @ w + b) / norm
     ax_beta.scatter(point_distance, labels, s=8, c="tab:red", alpha=0.4, zorder=3, label="training points")
-    ax_beta.set(xlabel="signed distance from the decision line", ylabel="neuron output f(w . x + b)",
-                title="the trained neuron: logistic(beta) approaches threshold")
+    ax_beta.set(
+        xlabel="signed distance from the decision line",
+        ylabel="neuron output f(w . x + b)",
+        title="the trained neuron: logistic(beta) approaches threshold",
+    )
     ax_beta.legend(fontsize=8, loc="center right")
     gaps = ", ".join(f"beta {beta:g}: {gap:.1e}" for beta, gap in beta_gaps.items())
-    ax_beta.text(0.02, 0.98, "max |logistic - threshold| on the points\n" + gaps.replace(", b", "\nb"),
-                 transform=ax_beta.transAxes, va="top", fontsize=8)
+    ax_beta.text(
+        0.02,
+        0.98,
+        "max |logistic - threshold| on the points\n" + gaps.replace(", b", "\nb"),
+        transform=ax_beta.transAxes,
+        va="top",
+        fontsize=8,
+    )
 
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
-def main(num_points: int = 200, steps: int = 100, learning_rate: float = 2.0, seed: int = 0,
-         output_dir: str = DEFAULT_OUTPUT_DIR) -> dict:
+def main(
+    num_points: int = 200,
+    steps: int = 100,
+    learning_rate: float = 2.0,
+    seed: int = 0,
+    output_dir: str = DEFAULT_OUTPUT_DIR,
+) -> dict:
     """Trains a logistic and a threshold neuron on the same points; prints and returns the outcomes.
 
     Returns {"accuracy", "initial_accuracy", "threshold_accuracy", "threshold_max_gradient",
@@ -140,12 +165,14 @@ def main(num_points: int = 200, steps: int = 100, learning_rate: float = 2.0, se
     points, labels = point_clouds(num_points, seed)
     logistic_history, logistic_losses, _ = gradient_descent(points, labels, activations.logistic, steps, learning_rate)
     threshold_history, threshold_losses, threshold_gradients = gradient_descent(
-        points, labels, activations.threshold, steps, learning_rate)
+        points, labels, activations.threshold, steps, learning_rate
+    )
 
     trained = logistic_history[-1]
     z = neuron.weighted_input(points, trained["w"], trained["b"])
-    beta_gaps = {beta: float(jnp.max(jnp.abs(activations.logistic(z, beta) - activations.threshold(z))))
-                 for beta in BETAS}
+    beta_gaps = {
+        beta: float(jnp.max(jnp.abs(activations.logistic(z, beta) - activations.threshold(z)))) for beta in BETAS
+    }
     result = {
         "accuracy": accuracy(trained, points, labels),
         "initial_accuracy": accuracy(logistic_history[0], points, labels),
@@ -162,12 +189,18 @@ def main(num_points: int = 200, steps: int = 100, learning_rate: float = 2.0, se
 
     w, b = np.asarray(trained["w"]), float(trained["b"])
     print(f"{len(points)} separable points, {steps} steps of gradient descent (optax.sgd, lr {learning_rate:g})")
-    print(f"logistic neuron:  accuracy {result['initial_accuracy']:.1%} -> {result['accuracy']:.1%}, "
-          f"loss {result['initial_loss']:.4f} -> {result['final_loss']:.4f}, w = {np.round(w, 3)}, b = {b:.3f}")
-    print(f"threshold neuron: largest gradient component over all steps = {result['threshold_max_gradient']}, "
-          f"so it never moves: accuracy stays {result['threshold_accuracy']:.1%}")
-    print("logistic(beta) vs threshold on the trained neuron's points, max difference: "
-          + ", ".join(f"beta {beta:g}: {gap:.2e}" for beta, gap in beta_gaps.items()))
+    print(
+        f"logistic neuron:  accuracy {result['initial_accuracy']:.1%} -> {result['accuracy']:.1%}, "
+        f"loss {result['initial_loss']:.4f} -> {result['final_loss']:.4f}, w = {np.round(w, 3)}, b = {b:.3f}"
+    )
+    print(
+        f"threshold neuron: largest gradient component over all steps = {result['threshold_max_gradient']}, "
+        f"so it never moves: accuracy stays {result['threshold_accuracy']:.1%}"
+    )
+    print(
+        "logistic(beta) vs threshold on the trained neuron's points, max difference: "
+        + ", ".join(f"beta {beta:g}: {gap:.2e}" for beta, gap in beta_gaps.items())
+    )
     print(f"saved {result['figure']}")
     return result
 

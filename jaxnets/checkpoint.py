@@ -23,9 +23,7 @@ CHECKPOINT_DIR = "checkpoints"
 
 def _key_data(tree: Any) -> Any:
     # Typed PRNG keys (dropout RNG state) are stored as their raw uint32 data.
-    return jax.tree.map(
-        lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, tree
-    )
+    return jax.tree.map(lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, tree)
 
 
 def _validation_loss(metrics: dict) -> float:
@@ -35,8 +33,7 @@ def _validation_loss(metrics: dict) -> float:
 
 
 def _saveable(state: TrainState) -> dict:
-    return {"params": state.params, "rest": _key_data(state.rest), "opt_state": state.opt_state,
-            "step": state.step}
+    return {"params": state.params, "rest": _key_data(state.rest), "opt_state": state.opt_state, "step": state.step}
 
 
 class Checkpointer:
@@ -47,21 +44,31 @@ class Checkpointer:
         unfinished = sorted(glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*")))
         if unfinished:
             # Left by a crash or kill during a save; orbax never lists them as steps.
-            warnings.warn(f"ignoring {len(unfinished)} unfinished checkpoint folder(s) in {self.directory} "
-                          f"(a save was interrupted): {', '.join(map(os.path.basename, unfinished))}",
-                          stacklevel=2)
-        policy = checkpoint_managers.AnyPreservationPolicy([
-            checkpoint_managers.LatestN(n=1),
-            # Mid-epoch (interrupt) checkpoints carry no validation loss and are kept only while latest.
-            checkpoint_managers.BestN(get_metric_fn=_validation_loss, reverse=True, n=1,
-                                      keep_checkpoints_without_metrics=False),
-        ])
+            warnings.warn(
+                f"ignoring {len(unfinished)} unfinished checkpoint folder(s) in {self.directory} "
+                f"(a save was interrupted): {', '.join(map(os.path.basename, unfinished))}",
+                stacklevel=2,
+            )
+        policy = checkpoint_managers.AnyPreservationPolicy(
+            [
+                checkpoint_managers.LatestN(n=1),
+                # Mid-epoch (interrupt) checkpoints carry no validation loss and are kept only while latest.
+                checkpoint_managers.BestN(
+                    get_metric_fn=_validation_loss, reverse=True, n=1, keep_checkpoints_without_metrics=False
+                ),
+            ]
+        )
         # best_fn is what makes orbax write each step's metrics to disk and read them back when a run is
         # reopened; with the preservation policy alone they lived in memory only, so after a restart every
         # earlier step looked "without metrics" and the next save deleted the best one.
-        options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=_validation_loss,
-                                               best_mode="min", read_only=read_only, create=not read_only,
-                                               cleanup_tmp_directories=not read_only)
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policy,
+            best_fn=_validation_loss,
+            best_mode="min",
+            read_only=read_only,
+            create=not read_only,
+            cleanup_tmp_directories=not read_only,
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:
@@ -83,8 +90,12 @@ class Checkpointer:
         """Starts an asynchronous save of state and record (JSON) at step state.step."""
         step = int(jax.device_get(state.step))
         metrics = None if validation_loss is None else {"validation_loss": float(validation_loss)}
-        self.manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_saveable(state)), record=ocp.args.JsonSave(record)))
+        self.manager.save(
+            step,
+            metrics=metrics,
+            force=True,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(_saveable(state)), record=ocp.args.JsonSave(record)),
+        )
 
     def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
         """Loads step (default: the latest) into the structure of template; returns (state, record).
@@ -95,24 +106,31 @@ class Checkpointer:
         available = self.steps()
         step = self.latest_step() if step is None else step
         if step is None or step not in available:
-            raise ValueError(f"no checkpoint at step {step} in {self.directory}; available steps: "
-                             f"{available or 'none'}")
+            raise ValueError(
+                f"no checkpoint at step {step} in {self.directory}; available steps: {available or 'none'}"
+            )
         target = _saveable(template)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore())
+            )
         except Exception as error:  # orbax/tensorstore raise many types for damaged or foreign files
             message = str(error).strip().splitlines()[0][:500] if str(error).strip() else type(error).__name__
-            raise ValueError(f"checkpoint step {step} in {self.directory} does not match this model "
-                             f"or is damaged: {message}") from None
+            raise ValueError(
+                f"checkpoint step {step} in {self.directory} does not match this model or is damaged: {message}"
+            ) from None
         loaded = restored.state
         rest = jax.tree.map(
-            lambda old, new: jax.random.wrap_key_data(new, impl=jax.random.key_impl(old))
-            if jnp.issubdtype(old.dtype, jax.dtypes.prng_key) else new,
-            template.rest, loaded["rest"])
-        state = template.replace(params=loaded["params"], rest=rest, opt_state=loaded["opt_state"],
-                                 step=loaded["step"])
+            lambda old, new: (
+                jax.random.wrap_key_data(new, impl=jax.random.key_impl(old))
+                if jnp.issubdtype(old.dtype, jax.dtypes.prng_key)
+                else new
+            ),
+            template.rest,
+            loaded["rest"],
+        )
+        state = template.replace(params=loaded["params"], rest=rest, opt_state=loaded["opt_state"], step=loaded["step"])
         return state, dict(restored.record)
 
     def wait(self) -> None:

@@ -24,15 +24,18 @@ class Config:
 
     # Data
     dataset: str = _option("lens", "built-in 'lens' dataset, or any TFDS name (mnist, cifar10, ...)", resume=True)
-    data: str | None = _option(None, "a CosmoSim CSV (index,filename,...,x,y,einsteinR,...); overrides --dataset",
-                               resume=True)
+    data: str | None = _option(
+        None, "a CosmoSim CSV (index,filename,...,x,y,einsteinR,...); overrides --dataset", resume=True
+    )
     image_dir: str | None = _option(None, "folder of the CSV's images (default: the CSV's folder)")
     test_data: str | None = _option(None, "a separate CosmoSim CSV for the test split", resume=True)
     targets: tuple[str, ...] | None = _option(
         None, "comma-separated regression targets, e.g. x,y,einsteinR (default: all)", resume=True
     )
     task: str | None = _option(
-        None, "lens only: regress the parameters or classify the lens type", ("regression", "classification"),
+        None,
+        "lens only: regress the parameters or classify the lens type",
+        ("regression", "classification"),
         resume=True,
     )
     image_size: int = _option(75, "side of the built-in lens images in pixels (Inception3 needs >= 75)", resume=True)
@@ -49,28 +52,34 @@ class Config:
     # The CosmoML head learns the lens parameters within the CPU budget where torchvision's plain fc did not
     # (README "The default run" and bench/learning_curve.py).
     head_features: tuple[int, ...] = _option(
-        (1024, 512), "inception3: head layers after the 2048 pooled features, as in CosmoML "
-        "(2048-1024-ReLU-512-ReLU-n); '' for torchvision's plain fc", resume=True,
+        (1024, 512),
+        "inception3: head layers after the 2048 pooled features, as in CosmoML "
+        "(2048-1024-ReLU-512-ReLU-n); '' for torchvision's plain fc",
+        resume=True,
     )
     dropout: float = _option(0.5, "inception3: dropout before the last layer")
     aux_logits: bool = _option(False, "inception3: torchvision's auxiliary classifier (needs >= 299 px)", resume=True)
     init_from: str | None = _option(None, "a PyTorch Inception3 checkpoint (.pt/.pth state_dict) to start from")
     # Optimisation
-    loss: str | None = _option(None, "loss function (default: mse for regression, cross_entropy for classification)",
-                               ("mse", "l1", "cross_entropy"))
+    loss: str | None = _option(
+        None,
+        "loss function (default: mse for regression, cross_entropy for classification)",
+        ("mse", "l1", "cross_entropy"),
+    )
     lr: float = _option(1e-3, "Adam learning rate")
     weight_decay: float = _option(0.0, "decoupled weight decay (AdamW) when > 0")
     schedule: str = _option(
-        "constant", "learning-rate schedule; plateau halves it after 5 epochs without improvement",
+        "constant",
+        "learning-rate schedule; plateau halves it after 5 epochs without improvement",
         ("constant", "cosine", "plateau"),
     )
     epochs: int = _option(3, "number of passes over the training split")
     batch_size: int = _option(32, "global batch size (split over all devices)", resume=True)
-    precision: str = _option("f32", "compute precision; bf16 keeps float32 weights and loss", ("f32", "bf16"),
-                             resume=True)
+    precision: str = _option(
+        "f32", "compute precision; bf16 keeps float32 weights and loss", ("f32", "bf16"), resume=True
+    )
     seed: int = _option(0, "seed for initialisation, shuffling and dropout", resume=True)
-    on_nan: str = _option("stop", "on a NaN/Inf loss: stop, or skip the step's update", ("stop", "skip"),
-                          resume=True)
+    on_nan: str = _option("stop", "on a NaN/Inf loss: stop, or skip the step's update", ("stop", "skip"), resume=True)
     # Run
     workdir: str | None = _option(None, "run folder for checkpoints and reports (default runs/<dataset>-<model>)")
     distributed: bool = _option(False, "multi-host: call jax.distributed.initialize() (auto-detects Slurm)")
@@ -174,22 +183,22 @@ def parser(description: str) -> argparse.ArgumentParser:
 
     Tuple fields are typed once here: `--hidden 512,256` gives (512, 256).
     """
-    result = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    result = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
         kind, item = _base_type(field.type), _item_type(field.type)
         if kind is bool:
-            result.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
-                                help=field.metadata["help"])
+            result.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=field.default, help=field.metadata["help"]
+            )
         elif item is not None:
             # A string default is parsed by `type` too, and --help shows it as the user types it.
             default = None if field.default is None else ",".join(map(str, field.default))
             result.add_argument(flag, type=_list_argument(item), default=default, help=field.metadata["help"])
         else:
-            result.add_argument(flag, type=kind, default=field.default, choices=field.metadata["choices"],
-                                help=field.metadata["help"])
+            result.add_argument(
+                flag, type=kind, default=field.default, choices=field.metadata["choices"], help=field.metadata["help"]
+            )
     return result
 
 

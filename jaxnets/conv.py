@@ -5,7 +5,8 @@ On CPU im2col + matrix products, forward and backward (XLA:CPU's dots beat its c
 
 import functools
 import os
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +55,7 @@ def conv2d(
 
 
 def _resolve(implementation: Implementation | None) -> str:
-    """"lax" or "dot": the argument, else $JAXNETS_CONV, else "auto", which is "dot" on CPU only."""
+    """ "lax" or "dot": the argument, else $JAXNETS_CONV, else "auto", which is "dot" on CPU only."""
     implementation = implementation or os.environ.get(IMPLEMENTATION_ENV) or "auto"
     if implementation not in ("auto", "lax", "dot"):
         raise ValueError(f"conv2d implementation must be 'auto', 'lax' or 'dot'; got {implementation!r}")
@@ -85,9 +86,7 @@ def _check_shapes(images: jax.Array, kernel: jax.Array, strides: tuple[int, int]
             )
 
 
-def _conv_lax(
-    images: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, precision
-) -> jax.Array:
+def _conv_lax(images: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, precision) -> jax.Array:
     return lax.conv_general_dilated(
         images, kernel, strides, padding, dimension_numbers=_DIMENSION_NUMBERS, precision=precision
     )
@@ -110,9 +109,7 @@ def _matmul(a: jax.Array, b: jax.Array, contract_a: Sequence[int], contract_b: S
     return product.astype(out_dtype)
 
 
-def patches(
-    images: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int], padding: Padding
-) -> jax.Array:
+def patches(images: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int], padding: Padding) -> jax.Array:
     """im2col: every kernel window of the zero-padded images as one row.
 
     images: [batch, height, width, channels] -> [batch, out_height, out_width, kernel_h * kernel_w * channels],
@@ -149,9 +146,7 @@ def patches(
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_dot(
-    images: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, precision
-) -> jax.Array:
+def _conv_dot(images: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, precision) -> jax.Array:
     """im2col + one matrix product: [batch * out_h * out_w, k_h * k_w * in] @ [k_h * k_w * in, out]."""
     kernel_h, kernel_w, in_channels, out_channels = kernel.shape
     columns = patches(images, (kernel_h, kernel_w), strides, padding)

@@ -59,9 +59,7 @@ def inception3_from_torch(state_dict: Mapping[str, Any], **model_kwargs: Any) ->
             for title, names in [("unknown keys", unknown), ("missing keys", missing), ("mis-shaped", misshaped)]
             if names
         ]
-        raise ValueError(
-            f"state_dict does not fit Inception3({_describe(kwargs)}):\n  " + "\n  ".join(problems)
-        )
+        raise ValueError(f"state_dict does not fit Inception3({_describe(kwargs)}):\n  " + "\n  ".join(problems))
 
     for name, variable in variables.items():
         shape, dtype = variable.get_value().shape, variable.get_value().dtype

@@ -5,10 +5,11 @@ This module is the edge of the library: it prints, draws progress bars and write
 """
 
 import dataclasses
+import functools
 import os
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -59,10 +60,19 @@ def setup_jax(config: Config) -> None:
 
 def load_data(config: Config) -> data_lib.Dataset:
     return data_lib.load_dataset(
-        config.dataset, data=config.data, image_dir=config.image_dir, test_data=config.test_data,
-        targets=config.targets or None, image_size=config.image_size, num_train=config.num_train,
-        num_validation=config.num_validation, num_test=config.num_test, task=config.task,
-        data_dir=config.data_dir, seed=config.seed)
+        config.dataset,
+        data=config.data,
+        image_dir=config.image_dir,
+        test_data=config.test_data,
+        targets=config.targets or None,
+        image_size=config.image_size,
+        num_train=config.num_train,
+        num_validation=config.num_validation,
+        num_test=config.num_test,
+        task=config.task,
+        data_dir=config.data_dir,
+        seed=config.seed,
+    )
 
 
 def loss_function(config: Config, dataset: data_lib.Dataset) -> training.LossFn:
@@ -84,19 +94,25 @@ def build_model(config: Config, dataset: data_lib.Dataset) -> nnx.Module:
     rngs = nnx.Rngs(config.seed)
     if config.model == "mlp":
         return MLP(height * width * channels, config.hidden, outputs, dtype=dtype, rngs=rngs)
-    kwargs = dict(in_channels=channels, aux_logits=config.aux_logits, dropout=config.dropout,
-                  head_features=config.head_features, dtype=dtype)
+    kwargs = dict(
+        in_channels=channels,
+        aux_logits=config.aux_logits,
+        dropout=config.dropout,
+        head_features=config.head_features,
+        dtype=dtype,
+    )
     if config.init_from:
         from jaxnets import convert
 
         try:
-            model = convert.inception3_from_torch(convert.load_torch_checkpoint(config.init_from), **kwargs,
-                                                  rngs=rngs)
+            model = convert.inception3_from_torch(convert.load_torch_checkpoint(config.init_from), **kwargs, rngs=rngs)
         except (OSError, ValueError) as error:
             raise RunError(f"--init-from {config.init_from}: {error}") from None
         if model.num_outputs != outputs:
-            raise RunError(f"--init-from {config.init_from} has {model.num_outputs} outputs; the dataset "
-                           f"needs {outputs} ({', '.join(dataset.target_names)})")
+            raise RunError(
+                f"--init-from {config.init_from} has {model.num_outputs} outputs; the dataset "
+                f"needs {outputs} ({', '.join(dataset.target_names)})"
+            )
         return model
     return Inception3(outputs, **kwargs, rngs=rngs)
 
@@ -113,8 +129,9 @@ def build_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTrans
         tx = optax.adam(learning_rate)
     if config.schedule == "plateau":
         # torch's ReduceLROnPlateau(patience=5, factor=0.5), judged on each epoch's mean training loss.
-        tx = optax.chain(tx, optax.contrib.reduce_on_plateau(
-            factor=0.5, patience=5, accumulation_size=max(1, steps_per_epoch)))
+        tx = optax.chain(
+            tx, optax.contrib.reduce_on_plateau(factor=0.5, patience=5, accumulation_size=max(1, steps_per_epoch))
+        )
     if config.on_nan == "skip":
         tx = optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
     return tx
@@ -134,10 +151,13 @@ def _check_saved_config(config: Config, workdir: str) -> None:
         raise RunError(str(error)) from None
     differences = saved.differences(config, Config.resume_fields())
     if differences:
-        listed = "; ".join(f"{k}: saved {format_value(a)}, requested {format_value(b)}"
-                           for k, (a, b) in differences.items())
-        raise RunError(f"workdir {workdir!r} holds a run with a different setup ({listed}). Use another "
-                       f"--workdir for a fresh run, or the saved options to resume this one.")
+        listed = "; ".join(
+            f"{k}: saved {format_value(a)}, requested {format_value(b)}" for k, (a, b) in differences.items()
+        )
+        raise RunError(
+            f"workdir {workdir!r} holds a run with a different setup ({listed}). Use another "
+            f"--workdir for a fresh run, or the saved options to resume this one."
+        )
 
 
 def _lower_train_step(train_step, state: training.TrainState, batch, model: nnx.Module):
@@ -146,8 +166,10 @@ def _lower_train_step(train_step, state: training.TrainState, batch, model: nnx.
     try:
         return train_step.lower(state, batch)
     except ValueError as error:
-        raise RunError(f"the {type(model).__name__} model cannot take this dataset's images "
-                       f"{tuple(batch['image'].shape[1:])}: {error}") from None
+        raise RunError(
+            f"the {type(model).__name__} model cannot take this dataset's images "
+            f"{tuple(batch['image'].shape[1:])}: {error}"
+        ) from None
 
 
 def _resume(config: Config, checkpointer: Checkpointer, state: training.TrainState):
@@ -161,8 +183,7 @@ def _resume(config: Config, checkpointer: Checkpointer, state: training.TrainSta
     except ValueError as error:
         raise RunError(str(error)) from None
     epoch, batch = record["epoch"] + 1, record["batch"]
-    print(f"Resuming from {checkpointer.directory} step {int(state.step)}: epoch {epoch}, batch {batch}",
-          flush=True)
+    print(f"Resuming from {checkpointer.directory} step {int(state.step)}: epoch {epoch}, batch {batch}", flush=True)
     partial = None if record.get("partial") is None else jax.tree.map(jnp.asarray, record["partial"])
     return state, epoch, batch, partial, monitor.read_history(config.run_dir, record["epoch"])
 
@@ -171,15 +192,21 @@ def _save_interrupted(checkpointer: Checkpointer, state: training.TrainState, re
     """Checkpoints a run stopped mid-epoch, with the data position and partial sums, and says how to resume."""
     checkpointer.save(state, record)
     checkpointer.wait()  # say "saved" only once it is
-    print(f"Saved a checkpoint at step {int(state.step)} (epoch {record['epoch'] + 1}, batch {record['batch']}) "
-          f"in {checkpointer.directory}. Resume with the same command:\n  python train.py --workdir {workdir} ...",
-          file=sys.stderr, flush=True)
+    print(
+        f"Saved a checkpoint at step {int(state.step)} (epoch {record['epoch'] + 1}, batch {record['batch']}) "
+        f"in {checkpointer.directory}. Resume with the same command:\n  python train.py --workdir {workdir} ...",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _diverged(summary: dict, epoch: int, checkpointer: Checkpointer, config: Config) -> RunError:
-    return RunError(f"the loss became NaN or Inf at step {summary.get('first_nonfinite_step', '?')} in epoch "
-                    f"{epoch}; training stopped and the last good checkpoint in {checkpointer.directory} is "
-                    f"kept. Try a lower learning rate (--lr {config.lr / 10:g}) or --on-nan skip.", exit_code=3)
+    return RunError(
+        f"the loss became NaN or Inf at step {summary.get('first_nonfinite_step', '?')} in epoch "
+        f"{epoch}; training stopped and the last good checkpoint in {checkpointer.directory} is "
+        f"kept. Try a lower learning rate (--lr {config.lr / 10:g}) or --on-nan skip.",
+        exit_code=3,
+    )
 
 
 def train_and_evaluate(config: Config) -> dict:
@@ -203,8 +230,7 @@ def train_and_evaluate(config: Config) -> dict:
     state = training.TrainState.create(model, build_optimizer(config, steps_per_epoch))
     train_step, eval_step = training.make_train_step(loss_fn), training.make_eval_step(loss_fn)
     example = next(iter(pipeline.batches(dataset, "train", config.batch_size, train=True, seed=config.seed)))
-    lowered = _lower_train_step(train_step, training.replicate(state, mesh), training.shard_batch(example, mesh),
-                                model)
+    lowered = _lower_train_step(train_step, training.replicate(state, mesh), training.shard_batch(example, mesh), model)
     # Everything is checked: only now is anything written to the workdir.
     checkpointer = Checkpointer(workdir)
     state, first_epoch, start_batch, totals, history = _resume(config, checkpointer, state)
@@ -216,38 +242,52 @@ def train_and_evaluate(config: Config) -> dict:
     # do not both count towards the peak memory.
     train_step = lowered.compile()
     host_memory.release_freed_memory()
-    record_base = {"target_mean": None if standardize is None else standardize[0].tolist(),
-                   "target_std": None if standardize is None else standardize[1].tolist()}
+    record_base = {
+        "target_mean": None if standardize is None else standardize[0].tolist(),
+        "target_std": None if standardize is None else standardize[1].tolist(),
+    }
+    train_batches = functools.partial(
+        pipeline.batches, dataset, "train", config.batch_size, train=True, seed=config.seed, standardize=standardize
+    )
+    validation_batches = functools.partial(
+        pipeline.batches, dataset, "validation", config.batch_size, train=False, standardize=standardize
+    )
     with monitor.StopSignals() as stop:
         try:
             for epoch in range(first_epoch, config.epochs + 1):
                 started = time.perf_counter()
-                batches = pipeline.batches(dataset, "train", config.batch_size, train=True, seed=config.seed,
-                                           epoch=epoch, start_batch=start_batch, standardize=standardize)
-                progress = monitor.Progress(epoch, config.epochs, start_batch=start_batch, total=steps_per_epoch,
-                                            batch_size=config.batch_size, stop=stop,
-                                            stop_on_nan=config.on_nan == "stop", show=is_main)
-                state, totals, finished = training.train_epoch(state, batches, train_step, mesh, totals=totals,
-                                                               on_step=progress)
+                progress = monitor.Progress(config, epoch, start_batch, steps_per_epoch, stop, show=is_main)
+                batches = train_batches(epoch=epoch, start_batch=start_batch)
+                state, totals, finished = training.train_epoch(
+                    state, batches, train_step, mesh, totals=totals, on_step=progress
+                )
                 progress.close()
                 summary = training.summarize(totals)
                 if summary["nonfinite"] and config.on_nan == "stop":
                     raise _diverged(summary, epoch, checkpointer, config)
                 if not finished:
                     partial = jax.tree.map(lambda x: x.item(), jax.device_get(totals))
-                    _save_interrupted(checkpointer, state, dict(record_base, epoch=epoch - 1, batch=progress.batch,
-                                                                partial=partial), workdir)
+                    record = dict(record_base, epoch=epoch - 1, batch=progress.batch, partial=partial)
+                    _save_interrupted(checkpointer, state, record, workdir)
                     return {"history": writer.history, "interrupted": stop.exit_code}
-                validation = training.evaluate(
-                    state, pipeline.batches(dataset, "validation", config.batch_size, train=False,
-                                            standardize=standardize), eval_step, mesh)
+                validation = training.evaluate(state, validation_batches(), eval_step, mesh)
                 elapsed = time.perf_counter() - started
-                print(f"Epoch {epoch}: Loss = {summary['loss']:.6g}, Validation loss = {validation['loss']:.6g}, "
-                      f"time = {elapsed:.1f} s", flush=True)
+                print(
+                    f"Epoch {epoch}: Loss = {summary['loss']:.6g}, Validation loss = {validation['loss']:.6g}, "
+                    f"time = {elapsed:.1f} s",
+                    flush=True,
+                )
                 checkpointer.save(state, dict(record_base, epoch=epoch, batch=0, partial=None), validation["loss"])
-                writer.write({"epoch": epoch, "step": int(state.step), "loss": summary["loss"],
-                              "validation_loss": validation["loss"], "skipped_steps": summary["nonfinite"],
-                              "seconds": round(elapsed, 2)})
+                writer.write(
+                    {
+                        "epoch": epoch,
+                        "step": int(state.step),
+                        "loss": summary["loss"],
+                        "validation_loss": validation["loss"],
+                        "skipped_steps": summary["nonfinite"],
+                        "seconds": round(elapsed, 2),
+                    }
+                )
                 start_batch, totals = 0, None
                 if stop.received is not None:
                     print(f"Stopped after epoch {epoch}; resume with the same command.", file=sys.stderr)
@@ -266,8 +306,9 @@ def train_and_evaluate(config: Config) -> dict:
 # Evaluation
 
 
-def evaluate_run(workdir: str, *, step: int | None = None, which: str = "best", split: str = "test",
-                 data_dir: str | None = None) -> dict:
+def evaluate_run(
+    workdir: str, *, step: int | None = None, which: str = "best", split: str = "test", data_dir: str | None = None
+) -> dict:
     """The no-grad test loop on a saved run: rebuilds model and data from the workdir's config,
     restores a checkpoint (step, or the best / latest), writes eval_<split>.json,
     predictions_<split>.csv and predictions_<split>.png, and returns the report."""
@@ -309,9 +350,13 @@ def evaluate_run(workdir: str, *, step: int | None = None, which: str = "best", 
     if record.get("target_mean") is not None:
         standardize = (np.asarray(record["target_mean"], np.float32), np.asarray(record["target_std"], np.float32))
     batches = pipeline.batches(dataset, split, config.batch_size, train=False, standardize=standardize)
-    result = training.evaluate(training.replicate(state, mesh), batches,
-                               training.make_eval_step(loss_fn, with_predictions=True), mesh,
-                               with_predictions=True)
+    result = training.evaluate(
+        training.replicate(state, mesh),
+        batches,
+        training.make_eval_step(loss_fn, with_predictions=True),
+        mesh,
+        with_predictions=True,
+    )
     predictions, true = result["predictions"], result["targets"]
     if dataset.task == "regression":
         if standardize is not None:
@@ -320,15 +365,31 @@ def evaluate_run(workdir: str, *, step: int | None = None, which: str = "best", 
         summary = metrics.regression_report(true, predictions, dataset.target_names)
     else:
         summary = metrics.classification_report(true, predictions, dataset.target_names)
-    summary.update(loss=result["loss"], split=split, step=int(step), checkpoint=which,
-                   validation_loss=validation_loss, workdir=workdir)
+    summary.update(
+        loss=result["loss"],
+        split=split,
+        step=int(step),
+        checkpoint=which,
+        validation_loss=validation_loss,
+        workdir=workdir,
+    )
     if jax.process_index() == 0:
         report.write_json(os.path.join(workdir, f"eval_{split}.json"), summary)
         if dataset.task == "regression":
-            report.write_predictions(os.path.join(workdir, f"predictions_{split}.csv"), result["index"], true,
-                                     predictions, list(dataset.target_names))
+            report.write_predictions(
+                os.path.join(workdir, f"predictions_{split}.csv"),
+                result["index"],
+                true,
+                predictions,
+                list(dataset.target_names),
+            )
             report.plot_predictions(os.path.join(workdir, f"predictions_{split}.png"), true, predictions, summary)
         else:
-            report.write_predictions(os.path.join(workdir, f"predictions_{split}.csv"), result["index"], true,
-                                     predictions.argmax(axis=-1), ["label"])
+            report.write_predictions(
+                os.path.join(workdir, f"predictions_{split}.csv"),
+                result["index"],
+                true,
+                predictions.argmax(axis=-1),
+                ["label"],
+            )
     return summary

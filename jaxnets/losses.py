@@ -24,9 +24,7 @@ def _masked_mean(per_example: jax.Array, mask: ArrayLike | None) -> jax.Array:
         return jnp.mean(per_example)
     mask = jnp.asarray(mask, per_example.dtype)
     if mask.shape != per_example.shape[:1]:
-        raise ValueError(
-            f"mask must have shape [batch] = {per_example.shape[:1]}; got {mask.shape}"
-        )
+        raise ValueError(f"mask must have shape [batch] = {per_example.shape[:1]}; got {mask.shape}")
     # max(count, 1) keeps an all-padding batch at loss 0 instead of NaN.
     return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 

@@ -15,8 +15,9 @@ def regression_report(true: np.ndarray, predicted: np.ndarray, names: tuple[str,
     """
     true, predicted = np.asarray(true, np.float64), np.asarray(predicted, np.float64)
     if true.shape != predicted.shape or true.ndim != 2 or true.shape[1] != len(names):
-        raise ValueError(f"expected true and predicted [examples, {len(names)}]; got {true.shape} "
-                         f"and {predicted.shape}")
+        raise ValueError(
+            f"expected true and predicted [examples, {len(names)}]; got {true.shape} and {predicted.shape}"
+        )
     error = predicted - true
     variance = np.sum(np.square(true - true.mean(axis=0)), axis=0)
     r2 = 1.0 - np.sum(np.square(error), axis=0) / np.where(variance > 0, variance, np.nan)
@@ -31,8 +32,13 @@ def regression_report(true: np.ndarray, predicted: np.ndarray, names: tuple[str,
         }
         for i, name in enumerate(names)
     }
-    return {"task": "regression", "count": int(true.shape[0]), "parameters": parameters,
-            "mse": float(np.mean(np.square(error))), "mae": float(np.mean(np.abs(error)))}
+    return {
+        "task": "regression",
+        "count": int(true.shape[0]),
+        "parameters": parameters,
+        "mse": float(np.mean(np.square(error))),
+        "mae": float(np.mean(np.abs(error))),
+    }
 
 
 def classification_report(labels: np.ndarray, logits: np.ndarray, class_names: tuple[str, ...] | list[str]) -> dict:
@@ -46,7 +52,11 @@ def classification_report(labels: np.ndarray, logits: np.ndarray, class_names: t
     confusion = np.zeros((classes, classes), np.int64)
     np.add.at(confusion, (labels, predicted), 1)
     per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
-    return {"task": "classification", "count": int(labels.size),
-            "accuracy": float(np.mean(predicted == labels)) if labels.size else float("nan"),
-            "per_class_accuracy": {name: float(per_class[i]) for i, name in enumerate(class_names)},
-            "confusion_matrix": confusion.tolist(), "class_names": list(class_names)}
+    return {
+        "task": "classification",
+        "count": int(labels.size),
+        "accuracy": float(np.mean(predicted == labels)) if labels.size else float("nan"),
+        "per_class_accuracy": {name: float(per_class[i]) for i, name in enumerate(class_names)},
+        "confusion_matrix": confusion.tolist(),
+        "class_names": list(class_names),
+    }

@@ -11,6 +11,7 @@ import time
 from tqdm import tqdm
 
 from jaxnets import training
+from jaxnets.config import Config
 
 METRICS_FILE = "metrics.jsonl"
 # The running loss and the NaN check read device values: one host sync every this many steps, not every step.
@@ -41,8 +42,12 @@ class StopSignals:
             print("\nSecond interrupt: exiting now.", file=sys.stderr, flush=True)
             os._exit(130)
         self.received = signum
-        print(f"\n{signal.Signals(signum).name} received: finishing the step and saving a checkpoint "
-              "(Ctrl-C again to exit at once).", file=sys.stderr, flush=True)
+        print(
+            f"\n{signal.Signals(signum).name} received: finishing the step and saving a checkpoint "
+            "(Ctrl-C again to exit at once).",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -68,14 +73,21 @@ class Progress:
     loss; after any step it stops once a signal has been received.
     """
 
-    def __init__(self, epoch: int, epochs: int, *, start_batch: int, total: int, batch_size: int,
-                 stop: StopSignals, stop_on_nan: bool, show: bool):
+    def __init__(self, config: Config, epoch: int, start_batch: int, total: int, stop: StopSignals, *, show: bool):
+        """config: the run's (epochs, batch size, on_nan); start_batch of total batches are done; show: draw the bar."""
         self.batch = start_batch  # batches of this epoch done so far
-        self.batch_size = batch_size
+        self.batch_size = config.batch_size
         self.stop = stop
-        self.stop_on_nan = stop_on_nan
-        self.bar = tqdm(total=total, initial=start_batch, desc=f"epoch {epoch}/{epochs}", unit="batch",
-                        leave=False, disable=not show, dynamic_ncols=True)
+        self.stop_on_nan = config.on_nan == "stop"
+        self.bar = tqdm(
+            total=total,
+            initial=start_batch,
+            desc=f"epoch {epoch}/{config.epochs}",
+            unit="batch",
+            leave=False,
+            disable=not show,
+            dynamic_ncols=True,
+        )
         pause = os.environ.get(PAUSE_AT_STEP_ENV)
         self.pause_at = int(pause) if pause else None
 

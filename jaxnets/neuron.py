@@ -3,7 +3,7 @@
 z = w . x + b, then y = f(z); both batched over any leading axes of x.
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +19,7 @@ def weighted_input(x: ArrayLike, w: ArrayLike, b: ArrayLike) -> jax.Array:
     """
     x, w = jnp.asarray(x), jnp.asarray(w)
     if w.ndim != 1 or x.ndim < 1 or x.shape[-1] != w.shape[0]:
-        raise ValueError(
-            f"weighted_input expects x [..., n] and w [n]; got x {x.shape} and w {w.shape}"
-        )
+        raise ValueError(f"weighted_input expects x [..., n] and w [n]; got x {x.shape} and w {w.shape}")
     return x @ w + b
 
 

@@ -16,8 +16,10 @@ def format_report(report: dict) -> str:
     if report["task"] == "regression":
         lines.append(f"{'parameter':<12}{'MAE ± std':>24}{'mean error ± std':>26}{'RMSE':>12}{'R²':>9}")
         for name, p in report["parameters"].items():
-            lines.append(f"{name:<12}{p['mae']:>12.4g} ± {p['mae_std']:<9.3g}{p['bias']:>13.4g} ± "
-                         f"{p['bias_std']:<10.3g}{p['rmse']:>12.4g}{p['r2']:>9.4f}")
+            lines.append(
+                f"{name:<12}{p['mae']:>12.4g} ± {p['mae_std']:<9.3g}{p['bias']:>13.4g} ± "
+                f"{p['bias_std']:<10.3g}{p['rmse']:>12.4g}{p['r2']:>9.4f}"
+            )
         lines.append(f"overall MSE {report['mse']:.6g}   MAE {report['mae']:.6g}")
     else:
         lines.append(f"accuracy {report['accuracy']:.4f}")
@@ -44,15 +46,16 @@ def write_json(path: str, value: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def write_predictions(path: str, index: np.ndarray, true: np.ndarray, predicted: np.ndarray,
-                      names: list[str]) -> None:
+def write_predictions(path: str, index: np.ndarray, true: np.ndarray, predicted: np.ndarray, names: list[str]) -> None:
     """CSV `index, <name> (true), <name> (predicted), ...`, one row per example."""
     true, predicted = np.atleast_2d(true.T).T, np.atleast_2d(predicted.T).T
     with open(path + ".tmp", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["index"] + [f"{n} ({kind})" for n in names for kind in ("true", "predicted")])
         for i in range(len(index)):
-            writer.writerow([int(index[i])] + [f"{v:.7g}" for pair in zip(true[i], predicted[i]) for v in pair])
+            writer.writerow(
+                [int(index[i])] + [f"{v:.7g}" for pair in zip(true[i], predicted[i], strict=True) for v in pair]
+            )
     os.replace(path + ".tmp", path)
 
 

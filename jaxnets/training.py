@@ -5,7 +5,8 @@ The PyTorch loop `optimizer.zero_grad(); loss = criterion(model(images), targets
 optimizer.step()` becomes one function: `jax.value_and_grad(loss)` -> `tx.update` -> `optax.apply_updates`.
 """
 
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import flax.struct
 import jax
@@ -45,8 +46,9 @@ class TrainState:
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         # Extra-args support lets schedules such as reduce_on_plateau receive the loss (value=...).
         tx = optax.with_extra_args_support(tx)
-        return cls(graphdef=graphdef, tx=tx, params=params, rest=rest,
-                   opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+        return cls(
+            graphdef=graphdef, tx=tx, params=params, rest=rest, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32)
+        )
 
     def model(self, *, train: bool = False) -> nnx.Module:
         """A fresh NNX model holding a copy of this state, in train or eval mode."""
@@ -63,11 +65,12 @@ def _sums(loss: jax.Array, mask: jax.Array) -> Metrics:
     """A batch's mean loss as sum and count, so epoch means weight every example equally
     (the seed's `tloss += loss.item() * len(images)`)."""
     count = jnp.sum(mask)
-    return {"loss_sum": loss * count, "count": count,
-            "nonfinite": (~jnp.isfinite(loss)).astype(jnp.int32)}
+    return {"loss_sum": loss * count, "count": count, "nonfinite": (~jnp.isfinite(loss)).astype(jnp.int32)}
 
 
-def make_train_step(loss_fn: LossFn, *, donate: bool = True) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+def make_train_step(
+    loss_fn: LossFn, *, donate: bool = True
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Returns a jit-compiled `train_step(state, batch) -> (state, metrics)`.
 
     batch: {"image": [B, H, W, C], "target": [B, P] or "label": [B], "mask": [B]}. The model runs in
@@ -135,16 +138,21 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 def shard_batch(batch: Batch, mesh: Mesh) -> Batch:
     """This process's rows of a global batch -> global arrays split along the 'data' axis."""
     sharding = NamedSharding(mesh, PartitionSpec("data"))
-    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-            for key, value in batch.items() if key != "index"}
+    return {
+        key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+        for key, value in batch.items()
+        if key != "index"
+    }
 
 
 def _accumulate(total: Metrics | None, metrics: Metrics) -> Metrics:
     # Stays on the device: no host sync per step. Sums, except the first bad step (a minimum).
     if total is None:
         return metrics
-    return {key: jnp.minimum(total[key], value) if key.startswith("first_") else total[key] + value
-            for key, value in metrics.items()}
+    return {
+        key: jnp.minimum(total[key], value) if key.startswith("first_") else total[key] + value
+        for key, value in metrics.items()
+    }
 
 
 def summarize(total: Metrics | None) -> dict[str, float]:
@@ -153,8 +161,11 @@ def summarize(total: Metrics | None) -> dict[str, float]:
         return {"loss": float("nan"), "count": 0, "nonfinite": 0}
     total = jax.device_get(total)
     count = float(total["count"])
-    summary = {"loss": float(total["loss_sum"]) / max(count, 1.0), "count": int(count),
-               "nonfinite": int(total["nonfinite"])}
+    summary = {
+        "loss": float(total["loss_sum"]) / max(count, 1.0),
+        "count": int(count),
+        "nonfinite": int(total["nonfinite"]),
+    }
     if "first_nonfinite_step" in total and int(total["first_nonfinite_step"]) != NO_STEP:
         summary["first_nonfinite_step"] = int(total["first_nonfinite_step"])
     return summary

@@ -13,14 +13,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAUSE_AT_STEP_ENV = "JAXNETS_PAUSE_AT_STEP"  # jaxnets.experiment.PAUSE_AT_STEP_ENV, without importing JAX here
 
 # The smallest useful run: an MLP on 32 px lens images, 96 training examples in 6 batches of 16 per epoch.
-TINY = dict(model="mlp", hidden=(32,), image_size=32, num_train=96, num_validation=16, num_test=20,
-            batch_size=16, epochs=2, compilation_cache="")
+TINY = dict(
+    model="mlp",
+    hidden=(32,),
+    image_size=32,
+    num_train=96,
+    num_validation=16,
+    num_test=20,
+    batch_size=16,
+    epochs=2,
+    compilation_cache="",
+)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: runs train.py/evaluate.py in subprocesses or trains Inception3 "
-                                       "(deselect with -m 'not slow')")
-    config.addinivalue_line("markers", "torch: compares against PyTorch/torchvision")
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "torch" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.torch)
 
 
 def cli_args(**values) -> list[str]:
@@ -33,23 +42,35 @@ def cli_args(**values) -> list[str]:
 
 def run_script(script: str, *args, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Runs train.py or evaluate.py from the repository root; returns the finished process (text output)."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def start_paused(args: list[str], step: int) -> subprocess.Popen:
     """Starts train.py with args; returns once it has paused after training step `step`, waiting for a signal."""
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, PAUSE_AT_STEP_ENV: str(step)})
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, PAUSE_AT_STEP_ENV: str(step)},
+    )
     lines = []
     for line in process.stderr:  # tqdm redraws with \r, so the marker may share a line with the bar
         lines.append(line)
         if f"paused after step {step} " in line:
             return process
     process.wait()
-    raise AssertionError(f"train.py never paused at step {step} (exit {process.returncode}):\n"
-                         + "".join(lines)[-3000:])
+    raise AssertionError(
+        f"train.py never paused at step {step} (exit {process.returncode}):\n" + "".join(lines)[-3000:]
+    )
 
 
 def finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:

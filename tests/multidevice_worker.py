@@ -16,8 +16,9 @@ import jax  # noqa: E402
 
 if mode == "process":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{sys.argv[3]}", num_processes=2,
-                               process_id=int(sys.argv[2]))
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{sys.argv[3]}", num_processes=2, process_id=int(sys.argv[2])
+    )
 
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
@@ -38,8 +39,11 @@ class Net(nnx.Module):
 
 
 rng = np.random.default_rng(0)
-batch = {"image": rng.normal(size=(16, 6)).astype(np.float32),
-         "target": rng.normal(size=(16, 2)).astype(np.float32), "mask": np.ones(16, np.float32)}
+batch = {
+    "image": rng.normal(size=(16, 6)).astype(np.float32),
+    "target": rng.normal(size=(16, 2)).astype(np.float32),
+    "mask": np.ones(16, np.float32),
+}
 if mode == "process":
     rows = slice(8 * jax.process_index(), 8 * (jax.process_index() + 1))
     batch = {key: value[rows] for key, value in batch.items()}

@@ -10,11 +10,32 @@ from jaxnets.config import Config
 def test_cli_is_generated_from_the_dataclass_with_its_defaults():
     parser = config_lib.parser("test")
     assert config_lib.from_args(parser.parse_args([])) == Config()
-    changed = config_lib.from_args(parser.parse_args(
-        ["--lr", "0.01", "--no-standardize", "--model", "mlp", "--head-features", "", "--epochs", "7",
-         "--hidden", "64, 32", "--targets", "x,einsteinR"]))
-    assert (changed.lr, changed.standardize, changed.model, changed.head_features, changed.epochs) == \
-        (0.01, False, "mlp", (), 7)
+    changed = config_lib.from_args(
+        parser.parse_args(
+            [
+                "--lr",
+                "0.01",
+                "--no-standardize",
+                "--model",
+                "mlp",
+                "--head-features",
+                "",
+                "--epochs",
+                "7",
+                "--hidden",
+                "64, 32",
+                "--targets",
+                "x,einsteinR",
+            ]
+        )
+    )
+    assert (changed.lr, changed.standardize, changed.model, changed.head_features, changed.epochs) == (
+        0.01,
+        False,
+        "mlp",
+        (),
+        7,
+    )
     assert (changed.hidden, changed.targets) == ((64, 32), ("x", "einsteinR"))  # typed once, at the CLI
     with pytest.raises(SystemExit):
         parser.parse_args(["--loss", "hinge"])

@@ -34,8 +34,13 @@ F32_TOLERANCE = 1e-5 if jax.default_backend() == "cpu" else 1e-2
 def _lax_conv(images, kernel, strides, padding):
     """The reference, with float32 accumulation so bfloat16 inputs are compared with an exact-as-possible sum."""
     return lax.conv_general_dilated(
-        images, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST,
+        images,
+        kernel,
+        strides,
+        padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        preferred_element_type=jnp.float32,
+        precision=lax.Precision.HIGHEST,
     )
 
 
@@ -79,11 +84,12 @@ def test_values_and_gradients_match_lax(shape_class, implementation, dtype, tole
 @pytest.mark.parametrize("implementation", ("dot", "lax"))
 def test_jax_grad_of_a_scalar_loss_matches_lax(implementation):
     images, kernel, strides, padding, _ = _inputs("3x3 stride 2", jnp.float32)
-    loss = lambda conv: (lambda x, w: jnp.sum(jnp.tanh(conv(x, w))))
-    grads = jax.jit(jax.grad(loss(lambda x, w: conv2d(x, w, strides, padding, implementation=implementation)),
-                             argnums=(0, 1)))(images, kernel)
+    loss = lambda conv: lambda x, w: jnp.sum(jnp.tanh(conv(x, w)))
+    grads = jax.jit(
+        jax.grad(loss(lambda x, w: conv2d(x, w, strides, padding, implementation=implementation)), argnums=(0, 1))
+    )(images, kernel)
     reference = jax.grad(loss(lambda x, w: _lax_conv(x, w, strides, padding)), argnums=(0, 1))(images, kernel)
-    for grad, expected in zip(grads, reference):
+    for grad, expected in zip(grads, reference, strict=True):
         assert _relative_error(grad, expected) <= F32_TOLERANCE
 
 
@@ -111,8 +117,9 @@ def _dots_in(hlo: str) -> list[str]:
 def test_bfloat16_backward_multiplies_bfloat16_and_sums_in_float32():
     """The custom gradient keeps every dot's inputs bfloat16 (autodiff would upcast them to float32 dots)."""
     images, kernel, strides, padding, output_grad = _inputs("3x3 pad 1", jnp.bfloat16)
-    backward = jax.jit(lambda x, w, g: jax.vjp(lambda a, b: conv2d(a, b, strides, padding, implementation="dot"),
-                                               x, w)[1](g))
+    backward = jax.jit(
+        lambda x, w, g: jax.vjp(lambda a, b: conv2d(a, b, strides, padding, implementation="dot"), x, w)[1](g)
+    )
     dots = _dots_in(backward.lower(images, kernel, output_grad).as_text())
     assert len(dots) == 2  # input gradient and kernel gradient; no convolution
     for dot in dots:

@@ -42,7 +42,10 @@ def cosmoml_model(torch):
     model = TorchInception3(num_classes=4, aux_logits=False, init_weights=True)
     model.Conv2d_1a_3x3.conv = torch.nn.Conv2d(1, 32, kernel_size=3, stride=2, bias=False)
     model.fc = torch.nn.Sequential(
-        torch.nn.Linear(2048, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 512), torch.nn.ReLU(),
+        torch.nn.Linear(2048, 1024),
+        torch.nn.ReLU(),
+        torch.nn.Linear(1024, 512),
+        torch.nn.ReLU(),
         torch.nn.Linear(512, 4),
     )
     return model

@@ -50,7 +50,11 @@ def stored_examples(dataset):
             raw = examples.source[i]
             example = examples[i]
             found[raw["filename"].decode() if isinstance(raw["filename"], bytes) else raw["filename"]] = (
-                split, example["image"][:, :, 0], example["target"], int(raw["row"]))
+                split,
+                example["image"][:, :, 0],
+                example["target"],
+                int(raw["row"]),
+            )
     return found
 
 
@@ -82,12 +86,21 @@ def test_targets_by_name_default_numeric_columns_and_image_dir(tmp_path):
     for r in rows[1:]:
         r[HEADER.index("sigma2")] = ""
     csv_path.write_text("\n".join(",".join(r) for r in rows) + "\n")
-    dataset = load_dataset(data=str(csv_path), image_dir=str(tmp_path / "elsewhere"),
-                           data_dir=str(tmp_path / "tfds"), validation_fraction=0.2, test_fraction=0.0)
+    dataset = load_dataset(
+        data=str(csv_path),
+        image_dir=str(tmp_path / "elsewhere"),
+        data_dir=str(tmp_path / "tfds"),
+        validation_fraction=0.2,
+        test_fraction=0.0,
+    )
     assert dataset.target_names == ("x", "y", "einsteinR", "sigma", "theta")
     assert set(dataset.splits) == {"train", "validation"}
-    chosen = load_dataset(data=str(csv_path), image_dir=str(tmp_path / "elsewhere"), targets=["einsteinR", "x"],
-                          data_dir=str(tmp_path / "tfds"))
+    chosen = load_dataset(
+        data=str(csv_path),
+        image_dir=str(tmp_path / "elsewhere"),
+        targets=["einsteinR", "x"],
+        data_dir=str(tmp_path / "tfds"),
+    )
     assert chosen.target_names == ("einsteinR", "x")
     for filename, (_, _, target, _) in stored_examples(chosen).items():
         np.testing.assert_array_equal(target, values[filename][[2, 0]].astype(np.float32))
@@ -120,12 +133,12 @@ def test_second_load_uses_the_cache_and_a_changed_csv_converts_again(tmp_path):
 def test_bad_input_lists_every_problem_and_writes_nothing(tmp_path):
     csv_path, values, _ = write_dataset(tmp_path, num_rows=8)
     files = sorted(values)
-    (tmp_path / files[2]).unlink()                                        # missing image file
-    (tmp_path / files[3]).write_bytes(b"not an image at all")              # unreadable image
+    (tmp_path / files[2]).unlink()  # missing image file
+    (tmp_path / files[3]).write_bytes(b"not an image at all")  # unreadable image
     Image.fromarray(np.zeros((HEIGHT + 1, WIDTH), np.uint8)).save(tmp_path / files[4])  # different size
     lines = csv_path.read_text().splitlines()
     cells = lines[6].split(",")
-    cells[HEADER.index("einsteinR")] = "big"                               # non-numeric target cell
+    cells[HEADER.index("einsteinR")] = "big"  # non-numeric target cell
     lines[6] = ",".join(cells)
     csv_path.write_text("\n".join(lines) + "\n")
     data_dir = tmp_path / "tfds"

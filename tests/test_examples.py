@@ -4,6 +4,7 @@ Examples are scripts, not a package, so each is loaded from its file; figures go
 """
 
 import importlib.util
+import itertools
 import os
 
 import pytest
@@ -32,7 +33,7 @@ def test_single_neuron_separates_the_data_and_the_threshold_neuron_gets_no_gradi
     assert result["threshold_max_gradient"] == 0.0  # exactly: the step function has no slope
     assert result["threshold_accuracy"] == result["initial_accuracy"]  # so it never moved
     gaps = list(result["beta_gaps"].values())
-    assert all(later < earlier for earlier, later in zip(gaps, gaps[1:]) if earlier > 0)
+    assert all(later < earlier for earlier, later in itertools.pairwise(gaps) if earlier > 0)
     assert gaps[-1] < 1e-6  # beta 64: the logistic neuron gives the threshold's outputs on every point
     assert_png(result["figure"])
 
@@ -48,10 +49,16 @@ def test_activations_derivatives(tmp_path):
     assert_png(result["figure"])
 
 
+@pytest.mark.slow
 def test_regression_vs_classification_both_learn(tmp_path):
     result = load_example("regression_vs_classification").main(
-        num_train=512, num_validation=128, num_test=256, epochs=3, data_dir=str(tmp_path / "data"),
-        output_dir=str(tmp_path))
+        num_train=512,
+        num_validation=128,
+        num_test=256,
+        epochs=3,
+        data_dir=str(tmp_path / "data"),
+        output_dir=str(tmp_path),
+    )
     regression, classification = result["regression"], result["classification"]
     assert regression["train_loss"][-1] < 0.7 * regression["train_loss"][0]  # the MLP's regression loss falls
     assert regression["validation_loss"][-1] < regression["validation_loss"][0]

@@ -30,6 +30,7 @@ def finished_run(tmp_path_factory):
     return workdir, trained.stdout, evaluated.stdout
 
 
+@pytest.mark.slow
 def test_train_prints_the_seed_lines_and_writes_the_run(finished_run):
     workdir, stdout, _ = finished_run
     assert "Epoch 1: Loss = " in stdout and "Epoch 2: Loss = " in stdout
@@ -40,6 +41,7 @@ def test_train_prints_the_seed_lines_and_writes_the_run(finished_run):
     assert Config.load(str(workdir)).model == "mlp"
 
 
+@pytest.mark.slow
 def test_evaluate_report_matches_its_predictions(finished_run):
     workdir, _, stdout = finished_run
     report = json.loads((workdir / "eval_test.json").read_text())
@@ -60,8 +62,9 @@ def test_evaluate_report_matches_its_predictions(finished_run):
 def _params(workdir):
     config = Config.load(str(workdir))
     dataset = experiment.load_data(config)
-    template = training.TrainState.create(experiment.build_model(config, dataset),
-                                          experiment.build_optimizer(config, 6))
+    template = training.TrainState.create(
+        experiment.build_model(config, dataset), experiment.build_optimizer(config, 6)
+    )
     state, _ = Checkpointer(str(workdir), read_only=True).restore(template)
     return jax.tree.leaves(state.params) + jax.tree.leaves(state.opt_state)
 
@@ -72,7 +75,7 @@ def test_resume_gives_identical_parameters_and_history(tmp_path):
     split = tiny_config(tmp_path, workdir=str(tmp_path / "split"), epochs=1)
     experiment.train_and_evaluate(split)
     experiment.train_and_evaluate(dataclasses.replace(split, epochs=2))
-    for a, b in zip(_params(tmp_path / "straight"), _params(tmp_path / "split")):
+    for a, b in zip(_params(tmp_path / "straight"), _params(tmp_path / "split"), strict=True):
         np.testing.assert_array_equal(a, b)
     lines = [[json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")] for name in ("straight", "split")]
     strip = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # noqa: E731
@@ -100,13 +103,22 @@ def test_classification_run_reports_accuracy_and_confusion(tmp_path):
     assert report["accuracy"] == pytest.approx(np.mean(predicted == true))
 
 
-@pytest.mark.parametrize("changes", [dict(schedule="cosine"), dict(schedule="plateau"), dict(weight_decay=0.1),
-                                     dict(on_nan="skip"), dict(precision="bf16")])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(schedule="cosine"),
+        dict(schedule="plateau"),
+        dict(weight_decay=0.1),
+        dict(on_nan="skip"),
+        dict(precision="bf16"),
+    ],
+)
 def test_every_optimizer_option_trains(tmp_path, changes):
     config = tiny_config(tmp_path, **changes)
     dataset = experiment.load_data(config)
-    state = training.TrainState.create(experiment.build_model(config, dataset),
-                                       experiment.build_optimizer(config, steps_per_epoch=6))
+    state = training.TrainState.create(
+        experiment.build_model(config, dataset), experiment.build_optimizer(config, steps_per_epoch=6)
+    )
     mesh = training.data_mesh()
     step = training.make_train_step(experiment.loss_function(config, dataset))
     batches = list(pipeline.batches(dataset, "train", 16, train=True, epoch=1, standardize=dataset.target_stats()))

@@ -105,6 +105,10 @@ def test_release_freed_memory_returns_the_heap():
         print(before, rss_kb())
     """)
     env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
-    before, after = map(int, subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True,
-                                            check=True).stdout.split())
+    before, after = map(
+        int,
+        subprocess.run(
+            [sys.executable, "-c", child], env=env, capture_output=True, text=True, check=True
+        ).stdout.split(),
+    )
     assert after < before - 200_000, (before, after)

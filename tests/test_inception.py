@@ -74,6 +74,7 @@ def gray_pair(torch):
     return torch_model, model, images
 
 
+@pytest.mark.slow
 def test_eval_outputs_match_torchvision_3x299_with_aux(torch, rgb_pair):
     torch_model, model, images = rgb_pair
     with torch.no_grad():
@@ -84,6 +85,7 @@ def test_eval_outputs_match_torchvision_3x299_with_aux(torch, rgb_pair):
     assert relative_error(outputs, expected) <= 1e-4
 
 
+@pytest.mark.slow
 def test_train_outputs_aux_and_running_statistics_match_torchvision(torch, rgb_pair):
     torch_model, model, images = rgb_pair
     torch_model.train()
@@ -111,6 +113,7 @@ def test_train_outputs_aux_and_running_statistics_match_torchvision(torch, rgb_p
     model.eval()
 
 
+@pytest.mark.slow
 def test_aux_head_matches_torchvision_in_train_mode(torch, rgb_pair):
     torch_model, model, _ = rgb_pair
     features = np.abs(np.random.default_rng(2).normal(size=(2, 768, 17, 17))).astype(np.float32)
@@ -125,6 +128,7 @@ def test_aux_head_matches_torchvision_in_train_mode(torch, rgb_pair):
     assert relative_error(outputs, expected) <= 1e-4
 
 
+@pytest.mark.slow
 def test_eval_outputs_match_torchvision_1x128_grayscale(torch, gray_pair):
     torch_model, model, images = gray_pair
     with torch.no_grad():
@@ -136,6 +140,7 @@ def test_eval_outputs_match_torchvision_1x128_grayscale(torch, gray_pair):
     assert relative_error(outputs, expected) <= 1e-4
 
 
+@pytest.mark.slow
 def test_jitted_train_step_uses_dropout_and_updates_state(gray_pair):
     """The training loop's pattern (split once, plain jax.jit, merge with copy=True) in train mode."""
     _, model, images = gray_pair
@@ -220,11 +225,10 @@ def test_bfloat16_computation_gives_float32_outputs(abstract_model):
     assert {leaf.dtype for leaf in params} == {jnp.dtype(jnp.float32)}  # bf16 is the computation dtype only
 
 
+@pytest.mark.slow
 def test_initialisation_follows_torchvision():
     model = Inception3(4, aux_logits=True, head_features=(1024, 512), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    conv_kernels = [
-        np.asarray(node[...]) for path, node in nnx.iter_graph(model) if path[-2:] == ("conv", "kernel")
-    ]
+    conv_kernels = [np.asarray(node[...]) for path, node in nnx.iter_graph(model) if path[-2:] == ("conv", "kernel")]
     assert len(conv_kernels) == 94 + 2  # torchvision's BasicConv2d layers, aux head included
     kernels = np.concatenate([kernel.ravel() for kernel in conv_kernels])
     # torch's trunc_normal_(std=0.1, a=-2, b=2): a normal with std 0.1 (the cut is 20 stds away).
@@ -294,6 +298,7 @@ def test_train_and_eval_set_modes_everywhere(gray_pair):
     np.testing.assert_array_equal(model.dropout(ones), ones)
 
 
+@pytest.mark.slow
 def test_train_mode_gradients_match_torchvision(torch):
     """Backward through every layer (max pools, pooled branches, BatchNorm on batch statistics) equals torch's.
 
@@ -343,7 +348,8 @@ def test_max_pool_and_its_gradient_equal_lax_reduce_window(shape, dtype):
         np.testing.assert_allclose(
             np.asarray(actual_vjp(pooled_grad)[0], np.float32),
             np.asarray(expected_vjp(pooled_grad)[0], np.float32),
-            rtol=1e-2 if dtype == jnp.bfloat16 else 1e-6, atol=1e-6,
+            rtol=1e-2 if dtype == jnp.bfloat16 else 1e-6,
+            atol=1e-6,
         )
 
 

@@ -24,7 +24,7 @@ def direct_intensity(theta_x, theta_y, p, lens_type):
     dx, dy = beta_x - x, beta_y - y
     u = np.cos(angle) * dx + np.sin(angle) * dy
     v = -np.sin(angle) * dx + np.cos(angle) * dy
-    return np.exp(-u**2 / (2 * sigma**2) - v**2 / (2 * sigma2**2))
+    return np.exp(-(u**2) / (2 * sigma**2) - v**2 / (2 * sigma2**2))
 
 
 @pytest.mark.parametrize("lens_type", [0, 1])
@@ -52,8 +52,12 @@ def test_pixels_match_direct_formula_for_both_lenses():
     theta_x, theta_y = lens.pixel_grid(SIZE)
     rows, cols = rng.integers(0, SIZE, 40), rng.integers(0, SIZE, 40)
     for n in range(len(params)):
-        expected = np.round(255 * direct_intensity(theta_x[rows, cols].astype(np.float64),
-                                                   theta_y[rows, cols].astype(np.float64), params[n], lens_types[n]))
+        expected = np.round(
+            255
+            * direct_intensity(
+                theta_x[rows, cols].astype(np.float64), theta_y[rows, cols].astype(np.float64), params[n], lens_types[n]
+            )
+        )
         np.testing.assert_allclose(images[n, rows, cols, 0], expected, atol=1)
 
 
@@ -115,31 +119,49 @@ def test_builder_is_deterministic_with_documented_features(tmp_path):
 
 def test_other_sizes_get_their_own_cache_and_reload_is_reuse(tmp_path):
     small = load_dataset("lens", image_size=16, num_train=12, num_validation=4, num_test=4, data_dir=str(tmp_path))
-    other = load_dataset("lens", image_size=16, num_train=12, num_validation=4, num_test=4, seed=1,
-                         data_dir=str(tmp_path))
+    other = load_dataset(
+        "lens", image_size=16, num_train=12, num_validation=4, num_test=4, seed=1, data_dir=str(tmp_path)
+    )
     bigger = load_dataset("lens", image_size=24, num_train=12, num_validation=4, num_test=4, data_dir=str(tmp_path))
     assert len({small.directory, other.directory, bigger.directory}) == 3
     assert bigger.image_shape == (24, 24, 1) and bigger.splits["train"][0]["image"].shape == (24, 24, 1)
     assert not np.array_equal(small.splits["train"][0]["image"], other.splits["train"][0]["image"])
     mtime = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "lens" / "s16_n12-4-4_seed0" / "1.0.0").iterdir()}
     again = load_dataset("lens", image_size=16, num_train=12, num_validation=4, num_test=4, data_dir=str(tmp_path))
-    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "lens" / "s16_n12-4-4_seed0" / "1.0.0").iterdir()} == mtime
+    assert {
+        p.name: p.stat().st_mtime_ns for p in (tmp_path / "lens" / "s16_n12-4-4_seed0" / "1.0.0").iterdir()
+    } == mtime
     np.testing.assert_array_equal(again.splits["test"][3]["target"], small.splits["test"][3]["target"])
 
 
 def test_lens_targets_and_classification(tmp_path):
-    regression = load_dataset("lens", image_size=16, num_train=12, num_validation=4, num_test=4,
-                              targets=("einsteinR", "x"), data_dir=str(tmp_path))
+    regression = load_dataset(
+        "lens",
+        image_size=16,
+        num_train=12,
+        num_validation=4,
+        num_test=4,
+        targets=("einsteinR", "x"),
+        data_dir=str(tmp_path),
+    )
     assert regression.target_names == ("einsteinR", "x") and regression.task == "regression"
     raw = lens.build(16, 12, 4, 4, data_dir=str(tmp_path)).as_data_source()["train"][5]
     np.testing.assert_array_equal(regression.splits["train"][5]["target"], raw["params"][[2, 0]])
-    classification = load_dataset("lens", task="classification", image_size=16, num_train=12, num_validation=4,
-                                  num_test=4, data_dir=str(tmp_path))
+    classification = load_dataset(
+        "lens", task="classification", image_size=16, num_train=12, num_validation=4, num_test=4, data_dir=str(tmp_path)
+    )
     assert classification.num_classes == 2 and classification.target_names == ("sis", "point_mass")
     assert classification.splits["train"][5]["label"] == raw["lens"]
     with pytest.raises(ValueError, match="unknown: sigma3"):
-        load_dataset("lens", image_size=16, num_train=12, num_validation=4, num_test=4, targets=("sigma3",),
-                     data_dir=str(tmp_path))
+        load_dataset(
+            "lens",
+            image_size=16,
+            num_train=12,
+            num_validation=4,
+            num_test=4,
+            targets=("sigma3",),
+            data_dir=str(tmp_path),
+        )
 
 
 def test_bad_lens_options_raise():

@@ -52,8 +52,7 @@ def test_all_padding_batch_gives_zero_not_nan():
 @pytest.mark.parametrize("name", ["mse", "l1", "cross_entropy"])
 def test_parity_with_torch_values_and_gradients(torch, name):
     functional = torch.nn.functional
-    torch_fn = {"mse": functional.mse_loss, "l1": functional.l1_loss,
-                "cross_entropy": functional.cross_entropy}[name]
+    torch_fn = {"mse": functional.mse_loss, "l1": functional.l1_loss, "cross_entropy": functional.cross_entropy}[name]
     rng = np.random.default_rng(1)
     predictions = rng.normal(size=(16, 5)).astype(np.float32)
     if name == "cross_entropy":

@@ -25,7 +25,8 @@ def toy_dataset(num_train=NUM_EXAMPLES, num_validation=10, classification=False)
                 example["label"] = np.int64(i % 3)
             else:
                 example["target"] = (np.array([10.0, -2.0]) + np.array([3.0, 0.5]) * rng.normal(size=2)).astype(
-                    np.float32)
+                    np.float32
+                )
             examples.append(example)
         key = {"label_key": "label"} if classification else {"target_key": "target"}
         return Examples(examples, **key)
@@ -80,15 +81,18 @@ def test_each_process_reads_its_rows_of_every_global_batch():
     dataset = toy_dataset()
     for train in (True, False):
         whole = list(batches(dataset, "train", 6, train=train, seed=4, epoch=2))
-        shards = [list(batches(dataset, "train", 6, train=train, seed=4, epoch=2, process_index=p, process_count=3))
-                  for p in range(3)]
+        shards = [
+            list(batches(dataset, "train", 6, train=train, seed=4, epoch=2, process_index=p, process_count=3))
+            for p in range(3)
+        ]
         assert all(len(s) == len(whole) for s in shards)
         for k, batch in enumerate(whole):
             for key in batch:
                 assert shards[0][k][key].shape[0] == 2
                 np.testing.assert_array_equal(np.concatenate([s[k][key] for s in shards]), batch[key])
-        resumed = list(batches(dataset, "train", 6, train=train, seed=4, epoch=2, start_batch=1, process_index=2,
-                               process_count=3))
+        resumed = list(
+            batches(dataset, "train", 6, train=train, seed=4, epoch=2, start_batch=1, process_index=2, process_count=3)
+        )
         np.testing.assert_array_equal(resumed[0]["index"], shards[2][1]["index"])
 
 
@@ -104,7 +108,7 @@ def test_standardize_and_destandardize_round_trip():
     np.testing.assert_allclose(standardized.mean(0), 0, atol=1e-5)
     np.testing.assert_allclose(standardized.std(0), 1, atol=1e-5)
     np.testing.assert_allclose(destandardize(standardized, (mean, std)), targets, rtol=1e-5)
-    np.testing.assert_array_equal(out[-1]["target"][NUM_EXAMPLES % 8:], 0.0)  # padding stays 0
+    np.testing.assert_array_equal(out[-1]["target"][NUM_EXAMPLES % 8 :], 0.0)  # padding stays 0
 
 
 def test_classification_batches_have_int32_labels():

@@ -30,8 +30,9 @@ TWO_EPOCHS = {**TINY_RUN, "epochs": 2}
 def final_state(workdir):
     config = Config.load(workdir)
     dataset = experiment.load_data(config)
-    template = training.TrainState.create(experiment.build_model(config, dataset),
-                                          experiment.build_optimizer(config, 1))
+    template = training.TrainState.create(
+        experiment.build_model(config, dataset), experiment.build_optimizer(config, 1)
+    )
     checkpointer = Checkpointer(workdir, read_only=True)
     return checkpointer.restore(template)
 
@@ -61,8 +62,11 @@ def test_a_signal_mid_epoch_checkpoints_and_resume_is_exact(tmp_path, data_dir, 
     experiment.train_and_evaluate(Config(**TWO_EPOCHS, workdir=straight, data_dir=data_dir))
     (state_a, record_a), (state_b, record_b) = final_state(straight), final_state(interrupted)
     assert record_a == record_b
-    for a, b in zip(jax.tree.leaves(state_a.params) + jax.tree.leaves(state_a.opt_state),
-                    jax.tree.leaves(state_b.params) + jax.tree.leaves(state_b.opt_state)):
+    for a, b in zip(
+        jax.tree.leaves(state_a.params) + jax.tree.leaves(state_a.opt_state),
+        jax.tree.leaves(state_b.params) + jax.tree.leaves(state_b.opt_state),
+        strict=True,
+    ):
         np.testing.assert_array_equal(a, b)
     assert history(straight) == history(interrupted)
     assert [h["epoch"] for h in history(interrupted)] == [1, 2]
@@ -97,14 +101,16 @@ def test_second_interrupt_exits_at_once(monkeypatch, capsys):
     assert "Second interrupt" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_unfinished_checkpoint_folder_is_ignored_with_a_warning(tmp_path, data_dir):
     workdir = str(tmp_path / "run")
     experiment.train_and_evaluate(Config(**TINY, workdir=workdir, data_dir=data_dir))
     checkpoints = os.path.join(workdir, "checkpoints")
     (step,) = [int(n) for n in os.listdir(checkpoints) if n.isdigit()]
     # What a kill -9 in the middle of orbax's save leaves behind: a temporary folder of a later step.
-    shutil.copytree(os.path.join(checkpoints, str(step)),
-                    os.path.join(checkpoints, f"{step + 4}.orbax-checkpoint-tmp-1234"))
+    shutil.copytree(
+        os.path.join(checkpoints, str(step)), os.path.join(checkpoints, f"{step + 4}.orbax-checkpoint-tmp-1234")
+    )
     with pytest.warns(UserWarning, match="ignoring 1 unfinished checkpoint"):
         checkpointer = Checkpointer(workdir, read_only=True)
     assert checkpointer.steps() == [step]
@@ -112,6 +118,7 @@ def test_unfinished_checkpoint_folder_is_ignored_with_a_warning(tmp_path, data_d
     assert result.returncode == 0 and f"step {step}" in result.stdout
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
     workdir = str(tmp_path / "run")
     experiment.train_and_evaluate(Config(**TINY, workdir=workdir, data_dir=data_dir))
@@ -130,15 +137,19 @@ def test_on_nan_skip_leaves_the_parameters_untouched():
     state = training.TrainState.create(model, optax.apply_if_finite(optax.adam(1e-2), 100))
     before = jax.tree.map(np.array, state.params)
     step = training.make_train_step(losses.mse, donate=False)
-    batch = {"image": np.full((4, 4), np.nan, np.float32), "target": np.zeros((4, 2), np.float32),
-             "mask": np.ones(4, np.float32)}
+    batch = {
+        "image": np.full((4, 4), np.nan, np.float32),
+        "target": np.zeros((4, 2), np.float32),
+        "mask": np.ones(4, np.float32),
+    }
     state, metrics = step(state, training.shard_batch(batch, training.data_mesh()))
     summary = training.summarize(metrics)
     assert summary["nonfinite"] == 1 and summary["first_nonfinite_step"] == 1
-    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_incompatible_workdir_is_refused_by_the_cli(tmp_path, data_dir):
     workdir = str(tmp_path / "run")
     experiment.train_and_evaluate(Config(**TINY, workdir=workdir, data_dir=data_dir))
@@ -154,6 +165,7 @@ def trained_workdir(tmp_path_factory, data_dir):
     return workdir
 
 
+@pytest.mark.slow
 def test_evaluate_on_missing_empty_or_corrupt_workdirs(tmp_path, trained_workdir):
     missing = run_script("evaluate.py", "--workdir", tmp_path / "nope")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
@@ -174,19 +186,24 @@ def test_evaluate_on_missing_empty_or_corrupt_workdirs(tmp_path, trained_workdir
     assert config.returncode == 2 and "config.json" in config.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_unknown_step_lists_the_available_ones(trained_workdir):
     step = Checkpointer(trained_workdir, read_only=True).latest_step()
     result = run_script("evaluate.py", "--workdir", trained_workdir, "--step", 999)
     assert result.returncode == 2
-    assert f"no checkpoint at step 999" in result.stderr and f"available steps: [{step}]" in result.stderr
+    assert "no checkpoint at step 999" in result.stderr and f"available steps: [{step}]" in result.stderr
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(model="inception3", image_size=32), "at least 75x75"),
-    (dict(dataset="no_such_dataset"), "no_such_dataset"),
-    (dict(batch_size=128), "larger than the 64 examples"),
-    (dict(num_validation=0), "no 'validation' split"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(model="inception3", image_size=32), "at least 75x75"),
+        (dict(dataset="no_such_dataset"), "no_such_dataset"),
+        (dict(batch_size=128), "larger than the 64 examples"),
+        (dict(num_validation=0), "no 'validation' split"),
+    ],
+)
+@pytest.mark.slow
 def test_bad_training_input_is_refused_before_anything_is_written(tmp_path, data_dir, change, message):
     workdir = tmp_path / "run"
     result = run_script("train.py", *cli_args(**{**TINY, **change}, workdir=workdir, data_dir=data_dir))
@@ -195,6 +212,7 @@ def test_bad_training_input_is_refused_before_anything_is_written(tmp_path, data
     assert not (workdir / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_init_from_a_file_that_is_not_an_inception3_state_dict(tmp_path, data_dir, torch):
     not_a_state_dict = tmp_path / "list.pt"
     torch.save([1, 2, 3], not_a_state_dict)

@@ -20,9 +20,11 @@ WORKER = os.path.join(os.path.dirname(__file__), "multidevice_worker.py")
 
 def make_batch(rows=8, features=12, outputs=3, seed=0):
     rng = np.random.default_rng(seed)
-    return {"image": rng.normal(size=(rows, features)).astype(np.float32),
-            "target": rng.normal(size=(rows, outputs)).astype(np.float32),
-            "mask": np.ones(rows, np.float32)}
+    return {
+        "image": rng.normal(size=(rows, features)).astype(np.float32),
+        "target": rng.normal(size=(rows, outputs)).astype(np.float32),
+        "mask": np.ones(rows, np.float32),
+    }
 
 
 def new_state(lr=1e-2, seed=0):
@@ -48,7 +50,8 @@ def test_train_step_lowers_loss_on_fixed_batch(mesh):
 def test_eval_step_is_the_plain_forward_pass(mesh):
     state, batch = new_state(), make_batch()
     metrics, predictions = training.make_eval_step(losses.mse, with_predictions=True)(
-        state, training.shard_batch(batch, mesh))
+        state, training.shard_batch(batch, mesh)
+    )
     expected = state.model()(jnp.asarray(batch["image"]))
     np.testing.assert_allclose(predictions, expected, rtol=1e-6)
     assert float(metrics["loss_sum"]) == pytest.approx(8 * float(losses.mse(expected, batch["target"])), rel=1e-6)
@@ -62,7 +65,7 @@ def test_masked_rows_change_nothing(mesh):
     plain, plain_metrics = step(new_state(), training.shard_batch(batch, mesh))
     masked, masked_metrics = step(new_state(), training.shard_batch(padded, mesh))
     assert training.summarize(masked_metrics) == pytest.approx(training.summarize(plain_metrics))
-    for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(masked.params)):
+    for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(masked.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
@@ -86,7 +89,7 @@ def test_adam_trajectory_matches_torch(torch, mesh):
     model = MLP(12, [16], 3, rngs=nnx.Rngs(3))
     torch_model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
     with torch.no_grad():
-        for torch_layer, layer in zip(torch_model[::2], model.layers):
+        for torch_layer, layer in zip(torch_model[::2], model.layers, strict=True):
             torch_layer.weight.copy_(torch.from_numpy(np.array(layer.kernel[...]).T))
             torch_layer.bias.copy_(torch.from_numpy(np.array(layer.bias[...])))
     optimizer = torch.optim.Adam(torch_model.parameters(), lr=1e-2)
@@ -109,8 +112,9 @@ def test_adam_trajectory_matches_torch(torch, mesh):
 def _run_worker(*args):
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
     env.pop("XLA_FLAGS", None)
-    return subprocess.Popen([sys.executable, WORKER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, WORKER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
 def _result(process):
@@ -131,6 +135,7 @@ def test_eight_devices_give_the_same_loss_as_one(single_device_result):
     assert eight["kernel_sum"] == pytest.approx(single_device_result["kernel_sum"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_one(single_device_result):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -161,7 +166,7 @@ def test_checkpoint_round_trip_keeps_everything(tmp_path, mesh):
     template = training.TrainState.create(Dropped(nnx.Rngs(42)), optax.adam(1e-2))
     restored, record = checkpointer.restore(template)
     assert record == {"epoch": 1, "batch": 0}
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
         if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
             a, b = jax.random.key_data(a), jax.random.key_data(b)
         np.testing.assert_array_equal(a, b)

@@ -35,9 +35,16 @@ class Examples:
     `indices` views a subset of `source` (e.g. a validation split carved out of train).
     """
 
-    def __init__(self, source: Sequence[Mapping[str, Any]], *, image_key: str = "image",
-                 target_key: str | None = None, columns: Sequence[int] | None = None,
-                 label_key: str | None = None, indices: np.ndarray | None = None):
+    def __init__(
+        self,
+        source: Sequence[Mapping[str, Any]],
+        *,
+        image_key: str = "image",
+        target_key: str | None = None,
+        columns: Sequence[int] | None = None,
+        label_key: str | None = None,
+        indices: np.ndarray | None = None,
+    ):
         if (target_key is None) == (label_key is None):
             raise ValueError("Examples needs exactly one of target_key (regression) or label_key (classification)")
         self.source = source
@@ -80,16 +87,22 @@ class Examples:
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         # TFDS sources read a list of records in one call, cheaper than one call per record.
-        raw = (self.source.__getitems__([self._source_index(i) for i in indices])
-               if hasattr(self.source, "__getitems__") else [self.source[self._source_index(i)] for i in indices])
-        return [self._convert(int(i), r) for i, r in zip(indices, raw)]
+        raw = (
+            self.source.__getitems__([self._source_index(i) for i in indices])
+            if hasattr(self.source, "__getitems__")
+            else [self.source[self._source_index(i)] for i in indices]
+        )
+        return [self._convert(int(i), r) for i, r in zip(indices, raw, strict=True)]
 
     def targets(self, chunk: int = 256) -> np.ndarray:
         """All regression targets of the split: float32 [N, P]."""
         if self.target_key is None:
             raise ValueError("targets() is for regression splits; this split has class labels")
-        rows = [example["target"] for start in range(0, len(self), chunk)
-                for example in self.__getitems__(range(start, min(start + chunk, len(self))))]
+        rows = [
+            example["target"]
+            for start in range(0, len(self), chunk)
+            for example in self.__getitems__(range(start, min(start + chunk, len(self))))
+        ]
         return np.stack(rows).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
 
 
@@ -132,12 +145,23 @@ class Dataset:
         return mean.copy(), std.copy()
 
 
-def load_dataset(dataset: str = DEFAULTS.dataset, *, data: str | None = None, image_dir: str | None = None,
-                 test_data: str | None = None, targets: Sequence[str] | None = None,
-                 image_size: int = DEFAULTS.image_size, num_train: int = DEFAULTS.num_train,
-                 num_validation: int = DEFAULTS.num_validation, num_test: int = DEFAULTS.num_test,
-                 task: str | None = None, data_dir: str | None = None, seed: int = DEFAULTS.seed,
-                 validation_fraction: float = 0.1, test_fraction: float = 0.1) -> Dataset:
+def load_dataset(
+    dataset: str = DEFAULTS.dataset,
+    *,
+    data: str | None = None,
+    image_dir: str | None = None,
+    test_data: str | None = None,
+    targets: Sequence[str] | None = None,
+    image_size: int = DEFAULTS.image_size,
+    num_train: int = DEFAULTS.num_train,
+    num_validation: int = DEFAULTS.num_validation,
+    num_test: int = DEFAULTS.num_test,
+    task: str | None = None,
+    data_dir: str | None = None,
+    seed: int = DEFAULTS.seed,
+    validation_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+) -> Dataset:
     """Loads (building or converting once if needed) one of the three kinds of dataset.
 
     dataset: "lens" (built-in simulation), "csv" (or leave "lens" and give `data`), or a TFDS name ("mnist").
@@ -160,13 +184,22 @@ def load_dataset(dataset: str = DEFAULTS.dataset, *, data: str | None = None, im
             raise ValueError("dataset='csv' needs data='path/to/dataset.csv'")
         if task not in (None, "regression"):
             raise ValueError("CSV datasets are regression datasets: task must be 'regression'")
-        return _load_csv(data, image_dir=image_dir, test_data=test_data, targets=targets, data_dir=data_dir,
-                         seed=seed, validation_fraction=validation_fraction, test_fraction=test_fraction)
+        return _load_csv(
+            data,
+            image_dir=image_dir,
+            test_data=test_data,
+            targets=targets,
+            data_dir=data_dir,
+            seed=seed,
+            validation_fraction=validation_fraction,
+            test_fraction=test_fraction,
+        )
     if image_dir is not None or test_data is not None:
         raise ValueError("image_dir= and test_data= apply only to CSV datasets (data=...)")
     if dataset == "lens":
-        return _load_lens(task or "regression", targets, image_size, num_train, num_validation, num_test,
-                          seed, data_dir)
+        return _load_lens(
+            task or "regression", targets, image_size, num_train, num_validation, num_test, seed, data_dir
+        )
     if task not in (None, "classification"):
         raise ValueError(f"TFDS datasets by name are classification datasets (image, label); got task={task!r}")
     if targets is not None:
@@ -180,8 +213,10 @@ def _select_targets(targets: Sequence[str] | None, available: Sequence[str], dat
     targets = [targets] if isinstance(targets, str) else list(targets)
     unknown = [t for t in targets if t not in available]
     if unknown or not targets or len(set(targets)) != len(targets):
-        raise ValueError(f"{dataset}: targets must be distinct names from {tuple(available)}, got {tuple(targets)}"
-                         + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+        raise ValueError(
+            f"{dataset}: targets must be distinct names from {tuple(available)}, got {tuple(targets)}"
+            + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        )
     return [list(available).index(t) for t in targets]
 
 
@@ -196,25 +231,34 @@ def _load_lens(task: str, targets, image_size, num_train, num_validation, num_te
         if targets is not None:
             raise ValueError("targets= applies to lens regression; classification predicts the lens type")
         splits = {name: Examples(src, label_key="lens") for name, src in sources.items()}
-        return Dataset("lens", task, splits, shape, lens.LENS_NAMES, len(lens.LENS_NAMES),
-                       str(builder.data_dir), metadata)
+        return Dataset(
+            "lens", task, splits, shape, lens.LENS_NAMES, len(lens.LENS_NAMES), str(builder.data_dir), metadata
+        )
     columns = _select_targets(targets, lens.PARAM_NAMES, "lens")
     splits = {name: Examples(src, target_key="params", columns=columns) for name, src in sources.items()}
-    return Dataset("lens", task, splits, shape, tuple(lens.PARAM_NAMES[c] for c in columns), None,
-                   str(builder.data_dir), metadata)
+    return Dataset(
+        "lens", task, splits, shape, tuple(lens.PARAM_NAMES[c] for c in columns), None, str(builder.data_dir), metadata
+    )
 
 
-def _load_csv(data, *, image_dir, test_data, targets, data_dir, seed, validation_fraction,
-              test_fraction) -> Dataset:
-    builder = cosmosim.build(data, image_dir=image_dir, test_data=test_data, targets=targets,
-                             data_dir=data_dir, seed=seed, validation_fraction=validation_fraction,
-                             test_fraction=test_fraction)
+def _load_csv(data, *, image_dir, test_data, targets, data_dir, seed, validation_fraction, test_fraction) -> Dataset:
+    builder = cosmosim.build(
+        data,
+        image_dir=image_dir,
+        test_data=test_data,
+        targets=targets,
+        data_dir=data_dir,
+        seed=seed,
+        validation_fraction=validation_fraction,
+        test_fraction=test_fraction,
+    )
     metadata = dict(builder.info.metadata or {})
     target_names = tuple(metadata["target_names"])
     splits = {name: Examples(src, target_key="target") for name, src in builder.as_data_source().items()}
     shape = tuple(int(d) for d in builder.info.features["image"].shape)
-    return Dataset(f"csv:{metadata['stem']}", "regression", splits, shape, target_names, None,
-                   str(builder.data_dir), metadata)
+    return Dataset(
+        f"csv:{metadata['stem']}", "regression", splits, shape, target_names, None, str(builder.data_dir), metadata
+    )
 
 
 def _missing_module(error: BaseException) -> str | None:
@@ -236,17 +280,23 @@ def _data_source(name: str, data_dir: str | None, split: str | None = None):
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-        raise ValueError(f"unknown dataset {name!r}: use 'lens', a CosmoSim CSV (data='file.csv') or a "
-                         "TFDS catalog name such as 'mnist', 'fashion_mnist' or 'cifar10'") from None
+        raise ValueError(
+            f"unknown dataset {name!r}: use 'lens', a CosmoSim CSV (data='file.csv') or a "
+            "TFDS catalog name such as 'mnist', 'fashion_mnist' or 'cifar10'"
+        ) from None
     except Exception as error:
         module = _missing_module(error)
         if module == "tensorflow":
-            raise ImportError(f"preparing the TFDS dataset {name!r} needs TensorFlow (TFDS encodes its images "
-                              f"with it); install it with: {INSTALL_TF}") from error
+            raise ImportError(
+                f"preparing the TFDS dataset {name!r} needs TensorFlow (TFDS encodes its images "
+                f"with it); install it with: {INSTALL_TF}"
+            ) from error
         if module == "importlib_resources":
             # TFDS imports this backport unconditionally when it prepares a catalog dataset.
-            raise ImportError(f"preparing the TFDS dataset {name!r} needs the `importlib_resources` package: "
-                              "pip install importlib_resources") from error
+            raise ImportError(
+                f"preparing the TFDS dataset {name!r} needs the `importlib_resources` package: "
+                "pip install importlib_resources"
+            ) from error
         raise
 
 
@@ -269,8 +319,9 @@ def _load_named(name: str, *, data_dir: str | None, seed: int, validation_fracti
     metadata: dict[str, Any] = {"tfds_name": info.full_name if hasattr(info, "full_name") else name}
     if "validation" not in splits and "train" in splits:
         splits["train"], splits["validation"] = split_off(splits["train"], validation_fraction, seed)
-        metadata["validation"] = (f"seeded {validation_fraction:.0%} of the TFDS train split (seed {seed}); "
-                                  "train is the rest")
+        metadata["validation"] = (
+            f"seeded {validation_fraction:.0%} of the TFDS train split (seed {seed}); train is the rest"
+        )
     names = tuple(features["label"].names)
     return Dataset(name, "classification", splits, shape, names, len(names), None, metadata)
 
@@ -288,8 +339,14 @@ def split_off(examples: Examples, fraction: float, seed: int) -> tuple[Examples,
     rest, kept = np.sort(order[held_out:]), np.sort(order[:held_out])
 
     def view(positions: np.ndarray) -> Examples:
-        return Examples(examples.source, image_key=examples.image_key, target_key=examples.target_key,
-                        columns=examples.columns, label_key=examples.label_key, indices=base[positions])
+        return Examples(
+            examples.source,
+            image_key=examples.image_key,
+            target_key=examples.target_key,
+            columns=examples.columns,
+            label_key=examples.label_key,
+            indices=base[positions],
+        )
 
     return view(rest), view(kept)
 

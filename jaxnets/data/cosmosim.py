@@ -34,8 +34,7 @@ from etils import epath
 from PIL import Image
 from tqdm import tqdm
 
-CSV_HEADER = ("index", "filename", "source", "lens", "chi", "x", "y", "einsteinR", "sigma", "sigma2", "theta",
-              "nterms")
+CSV_HEADER = ("index", "filename", "source", "lens", "chi", "x", "y", "einsteinR", "sigma", "sigma2", "theta", "nterms")
 PARAMETER_COLUMNS = ("x", "y", "einsteinR", "sigma", "sigma2", "theta")
 MAX_REPORTED_PROBLEMS = 20
 # Part of the cache key: bump when the stored features or the split rule change.
@@ -53,10 +52,10 @@ class _Row:
     """One checked CSV row: where it came from and what it holds."""
 
     csv_name: str
-    row: int        # 0-based data row in its CSV
-    line: int       # line number in the file, for messages
-    filename: str   # as written in the CSV
-    path: Path      # resolved image path
+    row: int  # 0-based data row in its CSV
+    line: int  # line number in the file, for messages
+    filename: str  # as written in the CSV
+    path: Path  # resolved image path
     target: np.ndarray | None
 
 
@@ -105,12 +104,10 @@ def _number(cell: str | None) -> float | None:
 
 def default_targets(header: Sequence[str], rows: Sequence[tuple[int, dict[str, str]]]) -> list[str]:
     """The parameter columns present that hold numbers (at least one numeric cell), in CosmoSim order."""
-    return [c for c in PARAMETER_COLUMNS
-            if c in header and any(_number(row.get(c)) is not None for _, row in rows)]
+    return [c for c in PARAMETER_COLUMNS if c in header and any(_number(row.get(c)) is not None for _, row in rows)]
 
 
-def _check_rows(path: Path, header, rows, targets: Sequence[str], image_dir: Path,
-                problems: _Problems) -> list[_Row]:
+def _check_rows(path: Path, header, rows, targets: Sequence[str], image_dir: Path, problems: _Problems) -> list[_Row]:
     """Targets as numbers and image files present; collects a problem for each offending cell or file."""
     for column in targets:
         if column not in header:
@@ -122,8 +119,7 @@ def _check_rows(path: Path, header, rows, targets: Sequence[str], image_dir: Pat
         for column in present:
             value = _number(row.get(column))
             if value is None:
-                problems.add(f"{path.name} line {line}: column {column!r} is not a finite number: "
-                             f"{row.get(column)!r}")
+                problems.add(f"{path.name} line {line}: column {column!r} is not a finite number: {row.get(column)!r}")
             values.append(value)
         filename = (row.get("filename") or "").strip()
         image_path = image_dir / filename
@@ -149,8 +145,10 @@ def _check_images(rows: Sequence[_Row], problems: _Problems) -> tuple[int, int] 
     common, _ = collections.Counter(sizes.values()).most_common(1)[0]
     for i, size in sizes.items():
         if size != common:
-            problems.add(f"{rows[i].csv_name} line {rows[i].line}: image {rows[i].path} is {size[0]}x{size[1]} "
-                         f"(height x width); the others are {common[0]}x{common[1]}")
+            problems.add(
+                f"{rows[i].csv_name} line {rows[i].line}: image {rows[i].path} is {size[0]}x{size[1]} "
+                f"(height x width); the others are {common[0]}x{common[1]}"
+            )
     return common
 
 
@@ -181,13 +179,16 @@ class CosmoSimCsv(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return tfds.core.DatasetInfo(
             builder=self,
             description=f"CosmoSim dataset converted from {config.metadata.get('csv')}",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(shape=config.image_shape, dtype=np.uint8,
-                                              encoding=tfds.features.Encoding.ZLIB),
-                "target": tfds.features.Tensor(shape=(len(config.target_names),), dtype=np.float32),
-                "row": tfds.features.Tensor(shape=(), dtype=np.int64),
-                "filename": tfds.features.Text(),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Tensor(
+                        shape=config.image_shape, dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB
+                    ),
+                    "target": tfds.features.Tensor(shape=(len(config.target_names),), dtype=np.float32),
+                    "row": tfds.features.Tensor(shape=(), dtype=np.int64),
+                    "filename": tfds.features.Text(),
+                }
+            ),
             disable_shuffling=True,  # keep CSV order within each split: reproducible and easy to check
             metadata=tfds.core.MetadataDict(config.metadata),
         )
@@ -211,8 +212,9 @@ def cache_key(data: Path, test_data: Path | None, image_dir: Path, options: dict
     for path in (data, test_data):
         digest.update(path.read_bytes() if path is not None and path.is_file() else b"<none>")
         digest.update(b"\0")
-    digest.update(json.dumps({"image_dir": str(image_dir), "format": FORMAT_VERSION, **options},
-                             sort_keys=True).encode())
+    digest.update(
+        json.dumps({"image_dir": str(image_dir), "format": FORMAT_VERSION, **options}, sort_keys=True).encode()
+    )
     return digest.hexdigest()[:16]
 
 
@@ -224,17 +226,30 @@ def split_rows(count: int, validation_fraction: float, test_fraction: float, see
     num_validation = int(round(validation_fraction * count))
     num_test = int(round(test_fraction * count))
     if num_validation + num_test >= count:
-        raise ValueError(f"{count} rows leave no training rows after holding out "
-                         f"{num_validation} validation and {num_test} test rows")
+        raise ValueError(
+            f"{count} rows leave no training rows after holding out "
+            f"{num_validation} validation and {num_test} test rows"
+        )
     order = np.random.default_rng(seed).permutation(count)
-    splits = {"train": order[num_validation + num_test:], "validation": order[:num_validation],
-              "test": order[num_validation:num_validation + num_test]}
+    splits = {
+        "train": order[num_validation + num_test :],
+        "validation": order[:num_validation],
+        "test": order[num_validation : num_validation + num_test],
+    }
     return {name: np.sort(rows) for name, rows in splits.items() if len(rows)}
 
 
-def build(data: str | Path, *, image_dir: str | Path | None = None, test_data: str | Path | None = None,
-          targets: Sequence[str] | None = None, data_dir: str | None = None, seed: int = 0,
-          validation_fraction: float = 0.1, test_fraction: float = 0.1) -> tfds.core.DatasetBuilder:
+def build(
+    data: str | Path,
+    *,
+    image_dir: str | Path | None = None,
+    test_data: str | Path | None = None,
+    targets: Sequence[str] | None = None,
+    data_dir: str | None = None,
+    seed: int = 0,
+    validation_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+) -> tfds.core.DatasetBuilder:
     """Converts the CSV once (checking everything first) and returns a builder for the stored dataset.
 
     With `test_data`, its rows form the test split and `test_fraction` is ignored.
@@ -245,9 +260,12 @@ def build(data: str | Path, *, image_dir: str | Path | None = None, test_data: s
     image_dir_path = None if image_dir is None else Path(image_dir).expanduser().resolve()
     if isinstance(targets, str):
         targets = [targets]
-    options = {"targets": None if targets is None else list(targets), "seed": seed,
-               "validation_fraction": validation_fraction,
-               "test_fraction": None if test_path is not None else test_fraction}
+    options = {
+        "targets": None if targets is None else list(targets),
+        "seed": seed,
+        "validation_fraction": validation_fraction,
+        "test_fraction": None if test_path is not None else test_fraction,
+    }
     stem = data.stem
     safe_stem = re.sub(r"[^A-Za-z0-9_]+", "_", stem).strip("_").lower() or "dataset"
     config_name = f"{safe_stem}_{cache_key(data, test_path, image_dir_path or data.parent, options)}"
@@ -268,8 +286,9 @@ def build(data: str | Path, *, image_dir: str | Path | None = None, test_data: s
     checked = _check_rows(data, header, rows, chosen, image_dir_path or data.parent, problems) if header else []
     test_checked = []
     if test_path is not None and test_header:
-        test_checked = _check_rows(test_path, test_header, test_rows, chosen, image_dir_path or test_path.parent,
-                                   problems)
+        test_checked = _check_rows(
+            test_path, test_header, test_rows, chosen, image_dir_path or test_path.parent, problems
+        )
     shape = _check_images(checked + test_checked, problems)
     problems.raise_if_any(str(data) if test_path is None else f"{data} and {test_path}")
 
@@ -279,13 +298,25 @@ def build(data: str | Path, *, image_dir: str | Path | None = None, test_data: s
     if test_path is not None:
         split_examples["test"] = test_checked
         recorded["test"] = f"all rows of {test_path}"
-    metadata = {"csv": str(data), "test_csv": None if test_path is None else str(test_path), "stem": stem,
-                "image_dir": str(image_dir_path or data.parent), "target_names": chosen, "seed": seed,
-                "validation_fraction": validation_fraction, "test_fraction": options["test_fraction"],
-                "split_rows": recorded}
-    config = CsvConfig(name=config_name, description=f"{data.name} ({', '.join(chosen)})",
-                       image_shape=(*shape, 1), target_names=tuple(chosen), split_rows=split_examples,
-                       metadata=metadata)
+    metadata = {
+        "csv": str(data),
+        "test_csv": None if test_path is None else str(test_path),
+        "stem": stem,
+        "image_dir": str(image_dir_path or data.parent),
+        "target_names": chosen,
+        "seed": seed,
+        "validation_fraction": validation_fraction,
+        "test_fraction": options["test_fraction"],
+        "split_rows": recorded,
+    }
+    config = CsvConfig(
+        name=config_name,
+        description=f"{data.name} ({', '.join(chosen)})",
+        image_shape=(*shape, 1),
+        target_names=tuple(chosen),
+        split_rows=split_examples,
+        metadata=metadata,
+    )
     builder = CosmoSimCsv(config=config, data_dir=str(root), file_format="array_record")
     try:
         builder.download_and_prepare(file_format="array_record")

@@ -100,14 +100,15 @@ def render(params: np.ndarray, lens: np.ndarray, image_size: int) -> np.ndarray:
     # point mass k = R_E^2, g = theta/|theta|^2. Precomputing g makes a ray trace two multiply-adds.
     radius2 = np.maximum(theta_x * theta_x + theta_y * theta_y, np.float32(1e-12))  # odd S puts a pixel at 0
     radius = np.sqrt(radius2)
-    fields = np.stack([np.stack([theta_x / radius, theta_y / radius]),
-                       np.stack([theta_x / radius2, theta_y / radius2])])  # [lens, xy, S, S]
+    fields = np.stack(
+        [np.stack([theta_x / radius, theta_y / radius]), np.stack([theta_x / radius2, theta_y / radius2])]
+    )  # [lens, xy, S, S]
 
     images = np.empty((len(params), image_size, image_size, 1), np.uint8)
     chunk = max(1, CHUNK_PIXELS // (image_size * image_size))
     for start in range(0, len(params), chunk):
-        p = params[start:start + chunk]
-        kind = lens[start:start + chunk]
+        p = params[start : start + chunk]
+        kind = lens[start : start + chunk]
         x, y, einstein_radius, sigma, sigma2, angle = (p[:, i, None, None] for i in range(6))
         k = np.where(kind == 1, p[:, 2] * p[:, 2], p[:, 2])[:, None, None]
         field = fields[kind]  # [n, xy, S, S]
@@ -131,11 +132,13 @@ def render(params: np.ndarray, lens: np.ndarray, image_size: int) -> np.ndarray:
         np.exp(exponent, out=exponent)
         exponent *= np.float32(255)
         exponent += np.float32(0.5)
-        images[start:start + chunk, :, :, 0] = exponent  # truncation of x + 0.5 rounds; x <= 255.5
+        images[start : start + chunk, :, :, 0] = exponent  # truncation of x + 0.5 rounds; x <= 255.5
     return images
 
 
-def generate(num_images: int, image_size: int, seed: int | np.random.SeedSequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def generate(
+    num_images: int, image_size: int, seed: int | np.random.SeedSequence
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Samples and renders `num_images` examples: (images uint8 [N,S,S,1], params float32 [N,6], lens int64 [N])."""
     params, lens = sample_parameters(np.random.default_rng(seed), num_images, image_size)
     return render(params, lens, image_size), params, lens
@@ -155,19 +158,34 @@ class LensConfig(tfds.core.BuilderConfig):
         return {"train": self.num_train, "validation": self.num_validation, "test": self.num_test}
 
 
-def lens_config(image_size: int = DEFAULTS.image_size, num_train: int = DEFAULTS.num_train,
-                num_validation: int = DEFAULTS.num_validation, num_test: int = DEFAULTS.num_test,
-                seed: int = DEFAULTS.seed) -> LensConfig:
+def lens_config(
+    image_size: int = DEFAULTS.image_size,
+    num_train: int = DEFAULTS.num_train,
+    num_validation: int = DEFAULTS.num_validation,
+    num_test: int = DEFAULTS.num_test,
+    seed: int = DEFAULTS.seed,
+) -> LensConfig:
     """A LensConfig named like `s75_n6400-1000-1000_seed0`."""
-    for label, value in (("image_size", image_size), ("num_train", num_train),
-                         ("num_validation", num_validation), ("num_test", num_test), ("seed", seed)):
+    for label, value in (
+        ("image_size", image_size),
+        ("num_train", num_train),
+        ("num_validation", num_validation),
+        ("num_test", num_test),
+        ("seed", seed),
+    ):
         if not isinstance(value, (int, np.integer)) or value < 0 or (label == "image_size" and value < 2):
             raise ValueError(f"lens dataset: {label} must be a non-negative integer (image_size >= 2), got {value!r}")
     name = f"s{image_size}_n{num_train}-{num_validation}-{num_test}_seed{seed}"
-    return LensConfig(name=name, description=f"{image_size}x{image_size} lens images, splits "
-                      f"{num_train}/{num_validation}/{num_test}, seed {seed}",
-                      image_size=int(image_size), num_train=int(num_train), num_validation=int(num_validation),
-                      num_test=int(num_test), seed=int(seed))
+    return LensConfig(
+        name=name,
+        description=f"{image_size}x{image_size} lens images, splits "
+        f"{num_train}/{num_validation}/{num_test}, seed {seed}",
+        image_size=int(image_size),
+        num_train=int(num_train),
+        num_validation=int(num_validation),
+        num_test=int(num_test),
+        seed=int(seed),
+    )
 
 
 class Lens(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -192,14 +210,20 @@ class Lens(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__,
-            features=tfds.features.FeaturesDict({
-                # Tensor + ZLIB rather than Image: Image encoding needs TensorFlow (shared/NOTES.md).
-                "image": tfds.features.Tensor(shape=(size, size, 1), dtype=np.uint8,
-                                              encoding=tfds.features.Encoding.ZLIB),
-                "params": tfds.features.Tensor(shape=(len(PARAM_NAMES),), dtype=np.float32,
-                                               doc="x, y, einsteinR, sigma, sigma2 (pixels), theta (radians)"),
-                "lens": tfds.features.ClassLabel(names=LENS_NAMES),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    # Tensor + ZLIB rather than Image: Image encoding needs TensorFlow (shared/NOTES.md).
+                    "image": tfds.features.Tensor(
+                        shape=(size, size, 1), dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB
+                    ),
+                    "params": tfds.features.Tensor(
+                        shape=(len(PARAM_NAMES),),
+                        dtype=np.float32,
+                        doc="x, y, einsteinR, sigma, sigma2 (pixels), theta (radians)",
+                    ),
+                    "lens": tfds.features.ClassLabel(names=LENS_NAMES),
+                }
+            ),
             supervised_keys=("image", "params"),
             # Written in generation order: the order is already random and the bytes stay reproducible.
             disable_shuffling=True,
@@ -209,8 +233,11 @@ class Lens(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download: the data is simulated
         sizes = self.builder_config.split_sizes()
-        return {name: self._generate_examples(split_number, sizes[name])
-                for split_number, name in enumerate(SPLIT_NAMES) if sizes[name] > 0}
+        return {
+            name: self._generate_examples(split_number, sizes[name])
+            for split_number, name in enumerate(SPLIT_NAMES)
+            if sizes[name] > 0
+        }
 
     def _generate_examples(self, split_number: int, num_examples: int):
         config = self.builder_config
@@ -219,11 +246,12 @@ class Lens(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         # Render a few hundred at a time (vectorised, without a whole 512^2 split in memory), the next
         # batch in a background thread while TFDS compresses this one: NumPy and zlib both release the GIL,
         # so the two cores overlap and the build runs at about the speed of zlib alone.
-        step = max(1, (256 * 128 * 128) // (config.image_size ** 2))
+        step = max(1, (256 * 128 * 128) // (config.image_size**2))
         starts = range(0, num_examples, step)
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+
             def render_from(start):
-                return pool.submit(render, params[start:start + step], lens[start:start + step], config.image_size)
+                return pool.submit(render, params[start : start + step], lens[start : start + step], config.image_size)
 
             pending = render_from(0)
             for start in starts:
@@ -235,15 +263,21 @@ class Lens(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     yield index, {"image": image, "params": params[index], "lens": lens[index]}
 
 
-def build(image_size: int = DEFAULTS.image_size, num_train: int = DEFAULTS.num_train,
-          num_validation: int = DEFAULTS.num_validation, num_test: int = DEFAULTS.num_test,
-          seed: int = DEFAULTS.seed, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+def build(
+    image_size: int = DEFAULTS.image_size,
+    num_train: int = DEFAULTS.num_train,
+    num_validation: int = DEFAULTS.num_validation,
+    num_test: int = DEFAULTS.num_test,
+    seed: int = DEFAULTS.seed,
+    data_dir: str | None = None,
+) -> tfds.core.DatasetBuilder:
     """Builds the dataset into `data_dir` (TFDS default ~/tensorflow_datasets) once; later calls reuse it."""
     config = lens_config(image_size, num_train, num_validation, num_test, seed)
     # A predefined config is passed by name: TFDS warns about every custom config object.
     predefined = {c.name for c in Lens.BUILDER_CONFIGS}
-    builder = Lens(config=config.name if config.name in predefined else config, data_dir=data_dir,
-                   file_format="array_record")
+    builder = Lens(
+        config=config.name if config.name in predefined else config, data_dir=data_dir, file_format="array_record"
+    )
     try:
         builder.download_and_prepare(file_format="array_record")
     except OSError:

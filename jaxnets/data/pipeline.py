@@ -47,8 +47,10 @@ def num_batches(dataset, split: str, batch_size: int, *, train: bool) -> int:
     _process_layout(batch_size, None, None)
     if train:
         if batch_size > count:
-            raise ValueError(f"batch_size {batch_size} is larger than the {count} examples of "
-                             f"{dataset.name} {split!r}: training would see no batch")
+            raise ValueError(
+                f"batch_size {batch_size} is larger than the {count} examples of "
+                f"{dataset.name} {split!r}: training would see no batch"
+            )
         return count // batch_size
     return math.ceil(count / batch_size)
 
@@ -65,8 +67,10 @@ class _Padded:
         self.source = source
         self.length = length
         first = source[0]
-        self.padding = {key: (np.int32(-1) if key == "index" else np.float32(0.0) if key == "mask"
-                              else np.zeros_like(value)) for key, value in first.items()}
+        self.padding = {
+            key: (np.int32(-1) if key == "index" else np.float32(0.0) if key == "mask" else np.zeros_like(value))
+            for key, value in first.items()
+        }
 
     def __len__(self) -> int:
         return self.length
@@ -81,8 +85,11 @@ def _finish(standardize: tuple[np.ndarray, np.ndarray] | None):
         mean, std = (np.asarray(a, np.float32) for a in standardize)
 
     def finish(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = {"image": batch["image"].astype(np.float32) * np.float32(1 / 255),
-               "mask": batch["mask"].astype(np.float32), "index": batch["index"].astype(np.int32)}
+        out = {
+            "image": batch["image"].astype(np.float32) * np.float32(1 / 255),
+            "mask": batch["mask"].astype(np.float32),
+            "index": batch["index"].astype(np.int32),
+        }
         if "target" in batch:
             target = batch["target"].astype(np.float32)
             if standardize is not None:
@@ -96,9 +103,19 @@ def _finish(standardize: tuple[np.ndarray, np.ndarray] | None):
     return finish
 
 
-def batches(dataset, split: str, batch_size: int, *, train: bool, seed: int = 0, epoch: int = 0,
-            start_batch: int = 0, standardize: tuple[np.ndarray, np.ndarray] | None = None,
-            process_index: int | None = None, process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+def batches(
+    dataset,
+    split: str,
+    batch_size: int,
+    *,
+    train: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    start_batch: int = 0,
+    standardize: tuple[np.ndarray, np.ndarray] | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
     """Batches of one epoch of `split` as numpy arrays.
 
     Yields {"image": float32 [b, H, W, C] in [0, 1], "target": float32 [b, P] (regression; standardised

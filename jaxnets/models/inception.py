@@ -4,7 +4,7 @@ Attribute names mirror torchvision's state_dict keys (Mixed_5b.branch1x1.conv): 
 The layers (Conv2d, BatchNorm2d, BasicConv2d, pools) and torch's initialisers are in jaxnets.models.layers.
 """
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -148,9 +148,7 @@ class InceptionE(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         branch1x1 = self.branch1x1(x)
         branch3x3 = self.branch3x3_1(x)
-        branch3x3 = jnp.concatenate(
-            [self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], axis=-1
-        )
+        branch3x3 = jnp.concatenate([self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], axis=-1)
         branch3x3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         branch3x3dbl = jnp.concatenate(
             [self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl)], axis=-1
@@ -200,7 +198,7 @@ def _linear_head(
         )
     sizes = [2048, *head_features, num_outputs]
     layers = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
         layers += [
             nnx.Linear(
                 fan_in,
@@ -254,9 +252,7 @@ class Inception3(nnx.Module):
         rngs: nnx.Rngs,
     ):
         if transform_input and in_channels != 3:
-            raise ValueError(
-                f"transform_input re-normalises 3 ImageNet (RGB) channels; got in_channels={in_channels}"
-            )
+            raise ValueError(f"transform_input re-normalises 3 ImageNet (RGB) channels; got in_channels={in_channels}")
         self.num_outputs = num_outputs
         self.in_channels = in_channels
         self.aux_logits = aux_logits

@@ -4,7 +4,7 @@ and the pools Inception3 uses, all on images [batch, height, width, channels] (N
 
 import functools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -3,7 +3,7 @@
 Each layer is the neuron of jaxnets.neuron applied to a whole vector: y = f(x W + b).
 """
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,17 +46,14 @@ class MLP(nnx.Module):
                     dtype=dtype,
                     rngs=rngs,
                 )
-                for n_in, n_out in zip(sizes[:-1], sizes[1:])
+                for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)
             ]
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.reshape(x.shape[0], -1)
         if x.shape[1] != self.in_features:
-            raise ValueError(
-                f"MLP expects {self.in_features} input features per example; got {x.shape[1]}"
-            )
+            raise ValueError(f"MLP expects {self.in_features} input features per example; got {x.shape[1]}")
         for layer in self.layers[:-1]:
             x = self.activation(layer(x))
         return self.layers[-1](x)
-
