@@ -11,6 +11,9 @@ from types import UnionType
 from typing import Any, Union, get_args, get_origin
 
 CONFIG_FILE = "config.json"
+# The built-in lens dataset's image side when --image-size is not given: Inception3's minimum, and the size at which
+# the default run fits its CPU budget (README, "The default run").
+LENS_IMAGE_SIZE = 75
 
 
 def _option(default: Any, help: str, choices: tuple | None = None, *, resume: bool = False) -> Any:
@@ -24,13 +27,40 @@ class Config:
 
     # Data
     dataset: str = _option("lens", "built-in 'lens' dataset, or any TFDS name (mnist, cifar10, ...)", resume=True)
-    data: str | None = _option(
-        None, "a CosmoSim CSV (index,filename,...,x,y,einsteinR,...); overrides --dataset", resume=True
+    data: tuple[str, ...] | None = _option(
+        None,
+        "CosmoSim output: the parameter CSV, the roulette CSV, or both comma-separated (joined on filename); "
+        "overrides --dataset",
+        resume=True,
     )
-    image_dir: str | None = _option(None, "folder of the CSV's images (default: the CSV's folder)")
-    test_data: str | None = _option(None, "a separate CosmoSim CSV for the test split", resume=True)
+    simulate: str | None = _option(
+        None,
+        "a CosmoSim dataset TOML: generate num_train + num_validation + num_test examples with CosmoSim itself "
+        "(seeded by --seed, in parallel, cached) and train on them; needs pip install 'jaxnets[cosmosim]'",
+        resume=True,
+    )
+    image_dir: str | None = _option(None, "folder of the CSV's images (default: the CSV's folder, or its images/)")
+    validation_data: tuple[str, ...] | None = _option(
+        None, "CosmoSim CSV(s) for the validation split (default: 10 %% of --data's rows, seeded)", resume=True
+    )
+    test_data: tuple[str, ...] | None = _option(
+        None, "CosmoSim CSV(s) for the test split (default: 10 %% of --data's rows, seeded)", resume=True
+    )
     targets: tuple[str, ...] | None = _option(
-        None, "comma-separated regression targets, e.g. x,y,einsteinR (default: all)", resume=True
+        None,
+        "comma-separated regression targets: names or patterns, e.g. 'sigma,xiX,alpha[*][*]' (default: the lens "
+        "and source parameters present)",
+        resume=True,
+    )
+    angles: tuple[str, ...] | None = _option(
+        None,
+        "targets that are angles, as name:period, trained as cos/sin and reported by circular error (default: "
+        "theta:180,orientation:180,phi:360 for CosmoSim's degrees; the lens dataset's theta in radians, period "
+        "pi); '' for none",
+        resume=True,
+    )
+    drop_incomplete: bool = _option(
+        False, "CosmoSim data: drop rows with an empty or non-numeric target cell instead of refusing them", resume=True
     )
     task: str | None = _option(
         None,
@@ -38,10 +68,15 @@ class Config:
         ("regression", "classification"),
         resume=True,
     )
-    image_size: int = _option(75, "side of the built-in lens images in pixels (Inception3 needs >= 75)", resume=True)
-    num_train: int = _option(6400, "built-in lens dataset: training examples", resume=True)
-    num_validation: int = _option(1000, "built-in lens dataset: validation examples", resume=True)
-    num_test: int = _option(1000, "built-in lens dataset: test examples", resume=True)
+    image_size: int | None = _option(
+        None,
+        f"image side in pixels: the lens images are rendered at it (default {LENS_IMAGE_SIZE}), CosmoSim images are "
+        "resized to it on conversion (default: as stored); Inception3 needs >= 75",
+        resume=True,
+    )
+    num_train: int = _option(6400, "built-in lens dataset and --simulate: training examples", resume=True)
+    num_validation: int = _option(1000, "built-in lens dataset and --simulate: validation examples", resume=True)
+    num_test: int = _option(1000, "built-in lens dataset and --simulate: test examples", resume=True)
     data_dir: str | None = _option(None, "TFDS data folder (default ~/tensorflow_datasets)")
     standardize: bool = _option(
         True, "regression: train on targets standardised with the training split's mean/std", resume=True
@@ -87,8 +122,10 @@ class Config:
 
     @property
     def dataset_name(self) -> str:
+        if self.simulate:
+            return "sim-" + os.path.splitext(os.path.basename(self.simulate))[0]
         if self.data:
-            return "csv-" + os.path.splitext(os.path.basename(self.data))[0]
+            return "csv-" + os.path.splitext(os.path.basename(self.data[0]))[0]
         return self.dataset
 
     @property
@@ -120,6 +157,8 @@ class Config:
         unknown = sorted(set(values) - set(fields))
         if unknown:
             raise ValueError(f"{path} has unknown fields {unknown}: written by another jaxnets version?")
+        if "angles" not in values:
+            values["angles"] = []  # saved before angles existed: its targets were all trained as plain numbers
         try:
             return cls(**{name: _from_json(fields[name].type, value) for name, value in values.items()})
         except ValueError as error:

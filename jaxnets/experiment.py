@@ -23,6 +23,7 @@ from jaxnets import host_memory, losses, metrics, monitor, report, training
 from jaxnets.checkpoint import CHECKPOINT_DIR, Checkpointer
 from jaxnets.config import Config, format_value
 from jaxnets.data import pipeline
+from jaxnets.data.targets import TargetEncoding
 from jaxnets.models import MLP, Inception3
 
 
@@ -62,9 +63,13 @@ def load_data(config: Config) -> data_lib.Dataset:
     return data_lib.load_dataset(
         config.dataset,
         data=config.data,
+        simulate=config.simulate,
         image_dir=config.image_dir,
+        validation_data=config.validation_data,
         test_data=config.test_data,
         targets=config.targets or None,
+        angles=config.angles,
+        drop_incomplete=config.drop_incomplete,
         image_size=config.image_size,
         num_train=config.num_train,
         num_validation=config.num_validation,
@@ -83,7 +88,10 @@ def loss_function(config: Config, dataset: data_lib.Dataset) -> training.LossFn:
 
 
 def num_outputs(dataset: data_lib.Dataset) -> int:
-    return dataset.num_classes if dataset.task == "classification" else len(dataset.target_names)
+    """Classes, or regression outputs: one per target, two (cos, sin) per angle."""
+    if dataset.task == "classification":
+        return dataset.num_classes
+    return dataset.target_encoding(standardize=False).width
 
 
 def build_model(config: Config, dataset: data_lib.Dataset) -> nnx.Module:
@@ -224,12 +232,18 @@ def train_and_evaluate(config: Config) -> dict:
         raise RunError(f"--batch-size {config.batch_size} must be a multiple of the {mesh.size} devices")
     steps_per_epoch = pipeline.num_batches(dataset, "train", config.batch_size, train=True)
     pipeline.num_batches(dataset, "validation", config.batch_size, train=False)  # fails now, not after epoch 1
-    standardize = dataset.target_stats() if dataset.task == "regression" and config.standardize else None
+    encoding = dataset.target_encoding(standardize=config.standardize) if dataset.task == "regression" else None
 
     model = build_model(config, dataset)
     state = training.TrainState.create(model, build_optimizer(config, steps_per_epoch))
     train_step, eval_step = training.make_train_step(loss_fn), training.make_eval_step(loss_fn)
-    example = next(iter(pipeline.batches(dataset, "train", config.batch_size, train=True, seed=config.seed)))
+    train_batches = functools.partial(
+        pipeline.batches, dataset, "train", config.batch_size, train=True, seed=config.seed, encoding=encoding
+    )
+    validation_batches = functools.partial(
+        pipeline.batches, dataset, "validation", config.batch_size, train=False, encoding=encoding
+    )
+    example = next(iter(train_batches()))
     lowered = _lower_train_step(train_step, training.replicate(state, mesh), training.shard_batch(example, mesh), model)
     # Everything is checked: only now is anything written to the workdir.
     checkpointer = Checkpointer(workdir)
@@ -242,16 +256,7 @@ def train_and_evaluate(config: Config) -> dict:
     # do not both count towards the peak memory.
     train_step = lowered.compile()
     host_memory.release_freed_memory()
-    record_base = {
-        "target_mean": None if standardize is None else standardize[0].tolist(),
-        "target_std": None if standardize is None else standardize[1].tolist(),
-    }
-    train_batches = functools.partial(
-        pipeline.batches, dataset, "train", config.batch_size, train=True, seed=config.seed, standardize=standardize
-    )
-    validation_batches = functools.partial(
-        pipeline.batches, dataset, "validation", config.batch_size, train=False, standardize=standardize
-    )
+    record_base = {"targets": None if encoding is None else encoding.to_json()}
     with monitor.StopSignals() as stop:
         try:
             for epoch in range(first_epoch, config.epochs + 1):
@@ -306,6 +311,17 @@ def train_and_evaluate(config: Config) -> dict:
 # Evaluation
 
 
+def _saved_encoding(record: dict, dataset: data_lib.Dataset) -> TargetEncoding:
+    """The target encoding a checkpoint was trained with (runs before angles saved only a mean and std)."""
+    if record.get("targets") is not None:
+        return TargetEncoding.from_json(record["targets"])
+    plain = dataset.target_encoding(standardize=False)
+    if record.get("target_mean") is None:
+        return plain
+    mean, std = (np.asarray(record[key], np.float32) for key in ("target_mean", "target_std"))
+    return dataclasses.replace(plain, mean=mean, std=std)
+
+
 def evaluate_run(
     workdir: str, *, step: int | None = None, which: str = "best", split: str = "test", data_dir: str | None = None
 ) -> dict:
@@ -346,10 +362,8 @@ def evaluate_run(
     except ValueError as error:
         raise RunError(str(error)) from None
     mesh = training.data_mesh()
-    standardize = None
-    if record.get("target_mean") is not None:
-        standardize = (np.asarray(record["target_mean"], np.float32), np.asarray(record["target_std"], np.float32))
-    batches = pipeline.batches(dataset, split, config.batch_size, train=False, standardize=standardize)
+    encoding = _saved_encoding(record, dataset) if dataset.task == "regression" else None
+    batches = pipeline.batches(dataset, split, config.batch_size, train=False, encoding=encoding)
     result = training.evaluate(
         training.replicate(state, mesh),
         batches,
@@ -359,10 +373,8 @@ def evaluate_run(
     )
     predictions, true = result["predictions"], result["targets"]
     if dataset.task == "regression":
-        if standardize is not None:
-            predictions = pipeline.destandardize(predictions, standardize)
-            true = pipeline.destandardize(true, standardize)
-        summary = metrics.regression_report(true, predictions, dataset.target_names)
+        predictions = encoding.decode(predictions)  # true holds the raw targets: the batches carry them
+        summary = metrics.regression_report(true, predictions, dataset.target_names, periods=encoding.periods)
     else:
         summary = metrics.classification_report(true, predictions, dataset.target_names)
     summary.update(

@@ -6,23 +6,37 @@ Pure NumPy functions of true and predicted values, in the units the caller gives
 import numpy as np
 
 
-def regression_report(true: np.ndarray, predicted: np.ndarray, names: tuple[str, ...] | list[str]) -> dict:
+def regression_report(
+    true: np.ndarray,
+    predicted: np.ndarray,
+    names: tuple[str, ...] | list[str],
+    *,
+    periods: tuple[float | None, ...] | None = None,
+) -> dict:
     """Per parameter and overall errors. true, predicted: [examples, parameters].
 
     For each parameter: mae and mae_std (mean and std of |error|), bias and bias_std (mean and std
     of the signed error predicted - true), rmse, and r2 = 1 - sum(error^2) / sum((true - mean)^2).
-    Overall: mse and mae over all parameters, and the example count.
+    periods: per parameter, the period of an angle (else None). An angle's error is the circular one, the shorter
+    way round (179 vs 1 degree is 2 degrees off for period 360), and its r2 uses deviations from the circular
+    mean; the entry carries "period". Overall: mse and mae over all parameters, and the example count.
     """
     true, predicted = np.asarray(true, np.float64), np.asarray(predicted, np.float64)
     if true.shape != predicted.shape or true.ndim != 2 or true.shape[1] != len(names):
         raise ValueError(
             f"expected true and predicted [examples, {len(names)}]; got {true.shape} and {predicted.shape}"
         )
-    error = predicted - true
-    variance = np.sum(np.square(true - true.mean(axis=0)), axis=0)
+    periods = tuple(periods) if periods is not None else (None,) * len(names)
+    error, spread = predicted - true, true - true.mean(axis=0)
+    for i, period in enumerate(periods):
+        if period is not None:
+            error[:, i] = circular_difference(predicted[:, i], true[:, i], period)
+            spread[:, i] = circular_difference(true[:, i], circular_mean(true[:, i], period), period)
+    variance = np.sum(np.square(spread), axis=0)
     r2 = 1.0 - np.sum(np.square(error), axis=0) / np.where(variance > 0, variance, np.nan)
-    parameters = {
-        name: {
+    parameters = {}
+    for i, name in enumerate(names):
+        parameters[name] = {
             "mae": float(np.mean(np.abs(error[:, i]))),
             "mae_std": float(np.std(np.abs(error[:, i]))),
             "bias": float(np.mean(error[:, i])),
@@ -30,8 +44,8 @@ def regression_report(true: np.ndarray, predicted: np.ndarray, names: tuple[str,
             "rmse": float(np.sqrt(np.mean(np.square(error[:, i])))),
             "r2": float(r2[i]),
         }
-        for i, name in enumerate(names)
-    }
+        if periods[i] is not None:
+            parameters[name]["period"] = float(periods[i])
     return {
         "task": "regression",
         "count": int(true.shape[0]),
@@ -39,6 +53,19 @@ def regression_report(true: np.ndarray, predicted: np.ndarray, names: tuple[str,
         "mse": float(np.mean(np.square(error))),
         "mae": float(np.mean(np.abs(error))),
     }
+
+
+def circular_difference(predicted: np.ndarray, true: np.ndarray, period: float) -> np.ndarray:
+    """predicted - true wrapped into [-period / 2, period / 2): the shorter way round the circle."""
+    half = period / 2
+    return np.mod(np.asarray(predicted) - np.asarray(true) + half, period) - half
+
+
+def circular_mean(angles: np.ndarray, period: float) -> float:
+    """The mean direction of angles with the given period, in [0, period)."""
+    turn = np.asarray(angles, np.float64) * (2 * np.pi / period)
+    mean = np.arctan2(np.mean(np.sin(turn)), np.mean(np.cos(turn)))
+    return float(np.mod(mean * period / (2 * np.pi), period))
 
 
 def classification_report(labels: np.ndarray, logits: np.ndarray, class_names: tuple[str, ...] | list[str]) -> dict:

@@ -14,12 +14,17 @@ def format_report(report: dict) -> str:
     """A plain-text table of a regression or classification report."""
     lines = [f"examples: {report['count']}   loss per sample: {report.get('loss', float('nan')):.6g}"]
     if report["task"] == "regression":
-        lines.append(f"{'parameter':<12}{'MAE ± std':>24}{'mean error ± std':>26}{'RMSE':>12}{'R²':>9}")
+        width = max([12] + [len(name) + 2 for name in report["parameters"]])  # alpha[10][11] and the like
+        lines.append(f"{'parameter':<{width}}{'MAE ± std':>24}{'mean error ± std':>26}{'RMSE':>12}{'R²':>9}")
         for name, p in report["parameters"].items():
+            name = f"{name}*" if "period" in p else name
             lines.append(
-                f"{name:<12}{p['mae']:>12.4g} ± {p['mae_std']:<9.3g}{p['bias']:>13.4g} ± "
+                f"{name:<{width}}{p['mae']:>12.4g} ± {p['mae_std']:<9.3g}{p['bias']:>13.4g} ± "
                 f"{p['bias_std']:<10.3g}{p['rmse']:>12.4g}{p['r2']:>9.4f}"
             )
+        angles = [f"{name} (period {p['period']:g})" for name, p in report["parameters"].items() if "period" in p]
+        if angles:
+            lines.append(f"* angle, errors the shorter way round the circle: {', '.join(angles)}")
         lines.append(f"overall MSE {report['mse']:.6g}   MAE {report['mae']:.6g}")
     else:
         lines.append(f"accuracy {report['accuracy']:.4f}")

@@ -23,6 +23,8 @@ LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 # torchvision's reference training weights the auxiliary classifier's loss by 0.4.
 AUX_LOSS_WEIGHT = 0.4
 NO_STEP = np.iinfo(np.int32).max
+# Batch entries for the host only (reports), never sent to the devices.
+HOST_ONLY = ("index", "raw_target")
 
 
 @flax.struct.dataclass
@@ -141,7 +143,7 @@ def shard_batch(batch: Batch, mesh: Mesh) -> Batch:
     return {
         key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
         for key, value in batch.items()
-        if key != "index"
+        if key not in HOST_ONLY
     }
 
 
@@ -203,7 +205,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """The no-grad test loop over padded, masked batches.
 
-    Returns {"loss", "count", ...}; with_predictions, also "predictions" [N, P], "targets" [N, P] or
+    Returns {"loss", "count", ...}; with_predictions, also "predictions" [N, W], "targets" ("raw_target" [N, P]
+    when the batches carry it, else "target" [N, W]) or
     [N] and "index" [N] for the real (unmasked) rows of this process, in the order of the batches.
     """
     totals, predictions, targets, indices = None, [], [], []
@@ -214,7 +217,7 @@ def evaluate(
             keep = np.asarray(batch["mask"]) > 0
             local = _process_local(outputs)
             predictions.append(local[keep])
-            targets.append(np.asarray(_targets(batch))[keep])
+            targets.append(np.asarray(batch.get("raw_target", _targets(batch)))[keep])
             indices.append(np.asarray(batch["index"])[keep])
         totals = _accumulate(totals, result)
     summary = summarize(totals)

@@ -66,10 +66,12 @@ def test_library_defaults_are_the_config_defaults():
 
     defaults = Config()
     signature = inspect.signature(data.load_dataset).parameters
-    for name in ("dataset", "image_size", "num_train", "num_validation", "num_test", "seed"):
+    for name in ("dataset", "image_size", "num_train", "num_validation", "num_test", "seed", "drop_incomplete"):
         assert signature[name].default == getattr(defaults, name)
-        if name != "dataset":
+        if name in ("num_train", "num_validation", "num_test", "seed"):
             assert inspect.signature(lens.build).parameters[name].default == getattr(defaults, name)
+    # No --image-size: the lens images are rendered at the side the config module names.
+    assert inspect.signature(lens.build).parameters["image_size"].default == config_lib.LENS_IMAGE_SIZE
 
 
 def test_help_explains_every_option(capsys):
@@ -108,4 +110,5 @@ def test_load_explains_missing_or_foreign_files(tmp_path):
 
 def test_default_workdir_names_dataset_and_model():
     assert Config().run_dir == "runs/lens-inception3"
-    assert Config(data="sims/train.csv", model="mlp").run_dir == "runs/csv-train-mlp"
+    assert Config(data=("sims/train.csv",), model="mlp").run_dir == "runs/csv-train-mlp"
+    assert Config(data=("sims/params.csv", "sims/roulette.csv")).run_dir == "runs/csv-params-inception3"

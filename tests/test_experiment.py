@@ -50,12 +50,26 @@ def test_evaluate_report_matches_its_predictions(finished_run):
     with open(workdir / "predictions_test.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(int(r["index"]) for r in rows) == list(range(20))  # every example, once
+    # The (true) column is the dataset's own raw parameters: standardisation (and the angle encoding) undone.
+    test_split = experiment.load_data(Config.load(str(workdir))).splits["test"]
+    names = list(report["parameters"])
+    for r in rows:
+        expected = test_split[int(r["index"])]["target"]
+        np.testing.assert_allclose([float(r[f"{n} (true)"]) for n in names], expected, rtol=1e-6)
+    assert report["parameters"]["theta"]["period"] == pytest.approx(np.pi)  # the lens theta is an angle
     for name, values in report["parameters"].items():
         true = np.array([float(r[f"{name} (true)"]) for r in rows])
         predicted = np.array([float(r[f"{name} (predicted)"]) for r in rows])
-        r2 = 1 - np.sum((predicted - true) ** 2) / np.sum((true - true.mean()) ** 2)
+        error, spread = predicted - true, true - true.mean()
+        if "period" in values:  # the shorter way round, and deviations from the circular mean
+            period = values["period"]
+            error = (error + period / 2) % period - period / 2
+            turn = true * 2 * np.pi / period
+            mean = np.arctan2(np.sin(turn).mean(), np.cos(turn).mean()) * period / (2 * np.pi)
+            spread = (true - mean + period / 2) % period - period / 2
+        r2 = 1 - np.sum(error**2) / np.sum(spread**2)
         assert values["r2"] == pytest.approx(r2, rel=1e-4, abs=1e-5)
-        assert values["mae"] == pytest.approx(np.mean(np.abs(predicted - true)), rel=1e-4)
+        assert values["mae"] == pytest.approx(np.mean(np.abs(error)), rel=1e-4)
     assert (workdir / "predictions_test.png").stat().st_size > 1000
 
 
@@ -121,7 +135,7 @@ def test_every_optimizer_option_trains(tmp_path, changes):
     )
     mesh = training.data_mesh()
     step = training.make_train_step(experiment.loss_function(config, dataset))
-    batches = list(pipeline.batches(dataset, "train", 16, train=True, epoch=1, standardize=dataset.target_stats()))
+    batches = list(pipeline.batches(dataset, "train", 16, train=True, epoch=1, encoding=dataset.target_encoding()))
     losses_seen = []
     for _ in range(4):
         for batch in batches:

@@ -12,14 +12,17 @@ All three are stored as TFDS ArrayRecord files and read with `tfds.data_source`:
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxnets.config import Config
+from jaxnets.config import LENS_IMAGE_SIZE, Config
 from jaxnets.data import cosmosim, lens
+from jaxnets.data.targets import COSMOSIM_ANGLES, TargetEncoding, parse_angles
 
 DEFAULTS = Config()  # the one source of defaults, shared with train.py's command line
 TASKS = ("regression", "classification")
@@ -111,6 +114,7 @@ class Dataset:
     """A loaded dataset: its splits and what the model needs to know about them.
 
     name: "lens", "mnist", ... or "csv:<stem>"; task: "regression" or "classification";
+    angles: regression targets that are angles, name -> period (in the target's unit);
     splits: split name -> `Examples` (len, __getitem__); image_shape: (H, W, C);
     target_names: regression parameter names, or class names for classification;
     num_classes: classification only; directory: where the ArrayRecord files are (None if unknown);
@@ -125,7 +129,16 @@ class Dataset:
     num_classes: int | None = None
     directory: str | None = None
     metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    angles: Mapping[str, float] = dataclasses.field(default_factory=dict)
     _cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def target_encoding(self, *, standardize: bool = True) -> TargetEncoding:
+        """How the targets are trained: angles (self.angles, name -> period) as cos/sin pairs, and every column
+        standardised with the train split's statistics when standardize is True."""
+        if self.task != "regression":
+            raise ValueError(f"target_encoding() is for regression; {self.name} is a {self.task} dataset")
+        train = self.splits["train"].targets() if standardize else None
+        return TargetEncoding.fit(self.target_names, self.angles, train, standardize=standardize)
 
     def target_stats(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-target mean and standard deviation over the train split: float32 [P] each.
@@ -148,11 +161,15 @@ class Dataset:
 def load_dataset(
     dataset: str = DEFAULTS.dataset,
     *,
-    data: str | None = None,
+    data: str | Sequence[str] | None = None,
+    simulate: str | None = None,
     image_dir: str | None = None,
-    test_data: str | None = None,
+    validation_data: str | Sequence[str] | None = None,
+    test_data: str | Sequence[str] | None = None,
     targets: Sequence[str] | None = None,
-    image_size: int = DEFAULTS.image_size,
+    angles: Sequence[str] | None = None,
+    drop_incomplete: bool = DEFAULTS.drop_incomplete,
+    image_size: int | None = DEFAULTS.image_size,
     num_train: int = DEFAULTS.num_train,
     num_validation: int = DEFAULTS.num_validation,
     num_test: int = DEFAULTS.num_test,
@@ -165,10 +182,17 @@ def load_dataset(
     """Loads (building or converting once if needed) one of the three kinds of dataset.
 
     dataset: "lens" (built-in simulation), "csv" (or leave "lens" and give `data`), or a TFDS name ("mnist").
-    data / image_dir / test_data: a CosmoSim CSV, the folder its image paths are relative to (default:
-      the CSV's folder) and an optional separate test CSV.
-    targets: regression targets by name (lens and CSV); default all parameters present.
-    image_size, num_train, num_validation, num_test: the lens dataset's size (each combination is its own cache).
+    data: CosmoSim CSV file(s): a parameter file, a roulette file, or both (joined on `filename`);
+      simulate: a CosmoSim dataset TOML: num_train + num_validation + num_test examples are generated with
+      CosmoSim (seeded, cached under data_dir) and loaded as their two CSVs;
+      validation_data / test_data: the same for pre-split files (default: seeded fractions of data's rows);
+      image_dir: the folder the CSV's filenames are relative to (default: the CSV's folder or its images/).
+    targets: regression targets by name (lens and CSV; CSV also aliases and patterns such as `alpha[*][*]`);
+      default all parameters present. drop_incomplete: CSV rows with an empty target cell are dropped.
+    angles: targets that are angles, as "name:period" (CSV default: theta:180, orientation:180, phi:360 in
+      degrees; the lens dataset's theta is in radians with period pi); () for none.
+    image_size: the lens images' side (default 75), or the side CSV images are resized to (default: as stored).
+    num_train, num_validation, num_test: the lens dataset's size (each combination is its own cache).
     task: lens only: "regression" (params) or "classification" (SIS vs point mass); default regression.
     data_dir: the TFDS data dir (default ~/tensorflow_datasets or $TFDS_DATA_DIR).
     seed: lens generation seed; the seeded split of a CSV or of a TFDS train set into train/validation.
@@ -177,6 +201,14 @@ def load_dataset(
     """
     if task is not None and task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if simulate is not None:
+        if data is not None or validation_data is not None or test_data is not None or image_dir is not None:
+            raise ValueError(
+                "simulate= makes the data: it cannot be combined with data=, validation_data=, test_data= or image_dir="
+            )
+        data, validation_fraction, test_fraction = _simulate(
+            simulate, num_train, num_validation, num_test, seed, data_dir
+        )
     if data is not None or dataset == "csv":
         if dataset not in ("lens", "csv"):
             raise ValueError(f"data= names a CSV dataset; it cannot be combined with dataset={dataset!r}")
@@ -184,21 +216,35 @@ def load_dataset(
             raise ValueError("dataset='csv' needs data='path/to/dataset.csv'")
         if task not in (None, "regression"):
             raise ValueError("CSV datasets are regression datasets: task must be 'regression'")
-        return _load_csv(
+        builder = cosmosim.build(
             data,
             image_dir=image_dir,
+            validation_data=validation_data,
             test_data=test_data,
             targets=targets,
+            angles=parse_angles(COSMOSIM_ANGLES if angles is None else angles),
+            drop_incomplete=drop_incomplete,
+            image_size=image_size,
             data_dir=data_dir,
             seed=seed,
             validation_fraction=validation_fraction,
             test_fraction=test_fraction,
         )
-    if image_dir is not None or test_data is not None:
-        raise ValueError("image_dir= and test_data= apply only to CSV datasets (data=...)")
+        return _from_csv_builder(builder)
+    if image_dir is not None or test_data is not None or validation_data is not None:
+        raise ValueError("image_dir=, validation_data= and test_data= apply only to CSV datasets (data=...)")
     if dataset == "lens":
+        lens_angles = {"theta": math.pi} if angles is None else parse_angles(angles)
         return _load_lens(
-            task or "regression", targets, image_size, num_train, num_validation, num_test, seed, data_dir
+            task or "regression",
+            targets,
+            lens_angles,
+            image_size or LENS_IMAGE_SIZE,
+            num_train,
+            num_validation,
+            num_test,
+            seed,
+            data_dir,
         )
     if task not in (None, "classification"):
         raise ValueError(f"TFDS datasets by name are classification datasets (image, label); got task={task!r}")
@@ -220,7 +266,25 @@ def _select_targets(targets: Sequence[str] | None, available: Sequence[str], dat
     return [list(available).index(t) for t in targets]
 
 
-def _load_lens(task: str, targets, image_size, num_train, num_validation, num_test, seed, data_dir) -> Dataset:
+def _simulate(toml: str, num_train: int, num_validation: int, num_test: int, seed: int, data_dir: str | None):
+    """Runs CosmoSim (or finds its cached output) for all three splits; returns (its two CSVs, the validation and
+    test fractions that split them into those sizes)."""
+    from jaxnets.data import simulate as simulate_lib
+
+    total = num_train + num_validation + num_test
+    if num_train < 1 or num_validation < 0 or num_test < 0:
+        raise ValueError(
+            f"simulate: num_train must be >= 1 and the other splits >= 0, got {num_train}, {num_validation}, {num_test}"
+        )
+    root = data_dir or tfds.core.constants.get_default_data_dir()
+    try:
+        files = simulate_lib.simulate(toml, total, simulate_lib.cache_directory(root, toml, total, seed), seed=seed)
+    except ImportError as error:
+        raise ValueError(str(error)) from None
+    return (str(files.params_csv), str(files.roulette_csv)), num_validation / total, num_test / total
+
+
+def _load_lens(task: str, targets, angles, image_size, num_train, num_validation, num_test, seed, data_dir) -> Dataset:
     if num_train < 1:
         raise ValueError(f"lens dataset: num_train must be at least 1, got {num_train}")
     builder = lens.build(image_size, num_train, num_validation, num_test, seed, data_dir=data_dir)
@@ -235,29 +299,30 @@ def _load_lens(task: str, targets, image_size, num_train, num_validation, num_te
             "lens", task, splits, shape, lens.LENS_NAMES, len(lens.LENS_NAMES), str(builder.data_dir), metadata
         )
     columns = _select_targets(targets, lens.PARAM_NAMES, "lens")
+    names = tuple(lens.PARAM_NAMES[c] for c in columns)
     splits = {name: Examples(src, target_key="params", columns=columns) for name, src in sources.items()}
-    return Dataset(
-        "lens", task, splits, shape, tuple(lens.PARAM_NAMES[c] for c in columns), None, str(builder.data_dir), metadata
-    )
+    chosen_angles = {name: period for name, period in angles.items() if name in names}
+    return Dataset("lens", task, splits, shape, names, None, str(builder.data_dir), metadata, chosen_angles)
 
 
-def _load_csv(data, *, image_dir, test_data, targets, data_dir, seed, validation_fraction, test_fraction) -> Dataset:
-    builder = cosmosim.build(
-        data,
-        image_dir=image_dir,
-        test_data=test_data,
-        targets=targets,
-        data_dir=data_dir,
-        seed=seed,
-        validation_fraction=validation_fraction,
-        test_fraction=test_fraction,
-    )
+def _from_csv_builder(builder) -> Dataset:
     metadata = dict(builder.info.metadata or {})
+    for note in metadata.get("notes") or ():
+        warnings.warn(note, stacklevel=3)
     target_names = tuple(metadata["target_names"])
     splits = {name: Examples(src, target_key="target") for name, src in builder.as_data_source().items()}
     shape = tuple(int(d) for d in builder.info.features["image"].shape)
+    angles = {name: float(period) for name, period in (metadata.get("angles") or {}).items()}
     return Dataset(
-        f"csv:{metadata['stem']}", "regression", splits, shape, target_names, None, str(builder.data_dir), metadata
+        f"csv:{metadata['stem']}",
+        "regression",
+        splits,
+        shape,
+        target_names,
+        None,
+        str(builder.data_dir),
+        metadata,
+        angles,
     )
 
 

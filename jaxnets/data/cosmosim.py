@@ -1,19 +1,28 @@
-"""CosmoSim datasets: a CSV of lens parameters beside its images, converted once to TFDS ArrayRecord files.
+"""CosmoSim datasets: CosmoSim's CSV files beside their images, converted once to TFDS ArrayRecord files.
 
 `build` checks every row and image first (one ValueError lists all problems), then lets TFDS write the dataset.
 
-CSV header as CosmoSim writes it (other columns are allowed and ignored):
+CosmoSim 3.x writes two CSV files per dataset, both keyed by `filename`; give either or both (joined on
+`filename`, a column shared by both files taken from the first one given):
 
-    index,filename,source,lens,chi,x,y,einsteinR,sigma,sigma2,theta,nterms
+    parameter file (--csvfile): index,filename,model,einsteinradius,ellipseratio,orientation,lens,source,R,phi,
+                                sigma,sigma2,theta,n_sersic,luminosity,x,y
+    roulette file (--outfile):  filename,source,x,y,sigma,sigma2,theta,luminosity,n_sersic,lensX,lensY,...,
+                                xiX,xiY,alpha[m][s]...,beta[m][s]...
 
-`filename` is relative to the CSV's folder (or to `image_dir`); any format Pillow reads, converted to one
-8-bit channel ('L'). The converted dataset lives in `<data_dir>/cosmosim_csv/<stem>_<key>/1.0.0`, where
-`key` hashes the CSV's bytes (and the test CSV's) with every option, so a changed CSV or option converts
-again while an unchanged one loads at once. TFDS writes into an `incomplete.*` folder and renames it only
-when every split is complete, so an interrupted or failed conversion never looks like a finished one.
-Splits: train and validation (and test, unless a separate test CSV is given) are drawn by a seeded
-permutation of the rows; the rows of each split are recorded in the dataset's metadata.json and in each
-example's `row` feature (the 0-based data row of its CSV).
+CosmoSim 2023's single file (index,filename,source,lens,chi,x,y,einsteinR,sigma,sigma2,theta,nterms) works too.
+Targets are column names or shell-style patterns (`alpha[*][*]`: `*` and `?` are wildcards, brackets are
+literal); `einsteinR`/`einsteinradius` and `ratio`/`ellipseratio` name the same parameter. Text columns and empty
+cells outside the targets are ignored. Images: `filename` relative to `image_dir` (default: the first CSV's
+folder, or its `images/` subfolder where CosmoSim's `--directory images` put them); any format Pillow reads,
+converted to one 8-bit channel ('L') and, with `image_size`, resized (antialiased) to a square of that side.
+
+The converted dataset lives in `<data_dir>/cosmosim_csv/<stem>_<key>/1.0.0`, where `key` hashes the bytes of
+every CSV with every option, so a changed CSV or option converts again while an unchanged one loads at once.
+TFDS writes into an `incomplete.*` folder and renames it only when every split is complete, so an interrupted or
+failed conversion never looks like a finished one. Splits: the validation and test files when given, otherwise a
+seeded permutation of the rows; the rows of each split are recorded in the dataset's metadata.json and in each
+example's `row` feature (the 0-based data row of its first CSV).
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,26 +43,37 @@ from etils import epath
 from PIL import Image
 from tqdm import tqdm
 
-CSV_HEADER = ("index", "filename", "source", "lens", "chi", "x", "y", "einsteinR", "sigma", "sigma2", "theta", "nterms")
-PARAMETER_COLUMNS = ("x", "y", "einsteinR", "sigma", "sigma2", "theta")
+# Columns that name or describe an example, never a target.
+TEXT_COLUMNS = ("index", "filename", "model", "lens", "source", "cluster")
+# Without --targets: the lens and source parameters present (CosmoSim 3.x and 2023 names), in the file's order.
+PARAMETER_COLUMNS = (
+    "x", "y", "einsteinradius", "einsteinR", "ellipseratio", "ratio", "orientation",
+    "sigma", "sigma2", "theta", "R", "phi", "n_sersic", "luminosity",
+)  # fmt: skip
+# Names of the same parameter in different CosmoSim versions.
+ALIASES = ({"einsteinR", "einsteinradius"}, {"ratio", "ellipseratio"})
 MAX_REPORTED_PROBLEMS = 20
 # Part of the cache key: bump when the stored features or the split rule change.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Reads any image Pillow can open as one 8-bit channel: uint8 [H, W, 1]."""
+def load_image(path: str | Path, size: int | None = None) -> np.ndarray:
+    """Reads any image Pillow can open as one 8-bit channel: uint8 [H, W, 1], or [size, size, 1] resized with
+    an antialiasing (Lanczos) filter."""
     with Image.open(path) as image:
-        return np.asarray(image.convert("L"), dtype=np.uint8)[:, :, None]
+        grey = image.convert("L")
+        if size is not None and grey.size != (size, size):
+            grey = grey.resize((size, size), Image.Resampling.LANCZOS)
+        return np.asarray(grey, dtype=np.uint8)[:, :, None]
 
 
 @dataclasses.dataclass
 class _Row:
-    """One checked CSV row: where it came from and what it holds."""
+    """One checked row: where it came from and what it holds."""
 
     csv_name: str
-    row: int  # 0-based data row in its CSV
-    line: int  # line number in the file, for messages
+    row: int  # 0-based data row in its (first) CSV
+    line: int  # line number in that file, for messages
     filename: str  # as written in the CSV
     path: Path  # resolved image path
     target: np.ndarray | None
@@ -94,6 +114,54 @@ def _read_csv(path: Path, problems: _Problems) -> tuple[list[str], list[tuple[in
     return header, rows
 
 
+# A cell as read: its text, and the file and line it came from (for messages).
+Cell = tuple[str, str, int]
+
+
+@dataclasses.dataclass
+class _Table:
+    """One CSV, or several joined on `filename`: the columns, and each row's cells with their origin."""
+
+    paths: list[Path]
+    header: list[str]
+    rows: list[dict[str, Cell]]
+
+
+def _read_table(paths: Sequence[Path], problems: _Problems) -> _Table:
+    """Reads the CSVs and joins them on `filename` in the first file's row order; a filename found on one side
+    only (or twice in one file) is a problem naming how many and which."""
+    tables = []
+    for path in paths:
+        header, rows = _read_csv(path, problems)
+        cells = [{column: (row.get(column) or "", path.name, line) for column in header} for line, row in rows]
+        tables.append((path, header, cells))
+    header = list(dict.fromkeys(column for _, columns, _ in tables for column in columns))
+    first_path, _, rows = tables[0]
+    if len(tables) == 1 or any("filename" not in columns for _, columns, _ in tables):
+        return _Table(list(paths), header, rows)
+    joined = [dict(row) for row in rows]
+    first_names = [row["filename"][0].strip() for row in rows]
+    for path, _, other in tables[1:]:
+        by_name: dict[str, dict[str, Cell]] = {}
+        for row in other:
+            name = row["filename"][0].strip()
+            if name in by_name:
+                problems.add(f"{path.name} line {row['filename'][2]}: filename {name!r} appears twice")
+            by_name[name] = row
+        only_first = [name for name in first_names if name not in by_name]
+        only_other = sorted(set(by_name) - set(first_names))
+        for missing, here, there in ((only_first, first_path, path), (only_other, path, first_path)):
+            if missing:
+                problems.add(
+                    f"{len(missing)} filename(s) of {here.name} are not in {there.name}, e.g. "
+                    f"{', '.join(missing[:3])}: the files must describe the same images"
+                )
+        for row, name in zip(joined, first_names, strict=True):
+            for column, cell in by_name.get(name, {}).items():
+                row.setdefault(column, cell)  # a column in both files: the first file's value
+    return _Table(list(paths), header, joined)
+
+
 def _number(cell: str | None) -> float | None:
     try:
         value = float(cell)  # type: ignore[arg-type]
@@ -102,32 +170,100 @@ def _number(cell: str | None) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def default_targets(header: Sequence[str], rows: Sequence[tuple[int, dict[str, str]]]) -> list[str]:
-    """The parameter columns present that hold numbers (at least one numeric cell), in CosmoSim order."""
-    return [c for c in PARAMETER_COLUMNS if c in header and any(_number(row.get(c)) is not None for _, row in rows)]
+def _same_parameter(name: str, column: str) -> bool:
+    return name == column or any(name in group and column in group for group in ALIASES)
 
 
-def _check_rows(path: Path, header, rows, targets: Sequence[str], image_dir: Path, problems: _Problems) -> list[_Row]:
-    """Targets as numbers and image files present; collects a problem for each offending cell or file."""
-    for column in targets:
-        if column not in header:
-            problems.add(f"{path.name}: target column {column!r} missing (header: {','.join(header)})")
-    present = [c for c in targets if c in header]
-    checked = []
-    for row_number, (line, row) in enumerate(rows):
-        values = []
-        for column in present:
-            value = _number(row.get(column))
+def _pattern(text: str) -> re.Pattern | None:
+    """A compiled pattern if text has a wildcard (`*`, `?`); brackets stay literal: alpha[*][*]."""
+    if "*" not in text and "?" not in text:
+        return None
+    return re.compile(re.escape(text).replace(r"\*", ".*").replace(r"\?", "."))
+
+
+def _has_empty_cells(table: _Table, column: str) -> bool:
+    return any(not row.get(column, ("",))[0].strip() for row in table.rows)
+
+
+def select_targets(
+    requested: Sequence[str] | None, table: _Table, problems: _Problems
+) -> tuple[list[str], set[str], list[str]]:
+    """(target columns, those named explicitly, notes). Names may be aliases or patterns; without `requested`,
+    the parameter columns present without empty cells (CosmoSim leaves a cell empty where a parameter does not
+    apply, e.g. an SIS lens's ellipseratio; those columns are named in a note)."""
+    candidates = [c for c in table.header if c not in TEXT_COLUMNS]
+    notes = []
+    if requested is None:
+        present = [c for c in table.header if c in PARAMETER_COLUMNS]
+        incomplete = [c for c in present if _has_empty_cells(table, c)]
+        if incomplete:
+            notes.append(
+                f"not default targets, as some cells are empty: {', '.join(incomplete)} "
+                "(name them in --targets, with --drop-incomplete to skip those rows)"
+            )
+        chosen = [c for c in present if c not in incomplete]
+        if not chosen:
+            problems.add(f"no numeric target column among {', '.join(PARAMETER_COLUMNS)}: use --targets")
+        return chosen, set(), notes
+    chosen, explicit = [], set()
+    for spec in requested:
+        pattern = _pattern(spec)
+        if pattern is not None:
+            matches = [c for c in candidates if pattern.fullmatch(c)]
+            if not matches:
+                problems.add(f"target pattern {spec!r} matches no column (columns: {', '.join(candidates)})")
+            chosen += matches
+            continue
+        column = next((c for c in table.header if _same_parameter(spec, c)), None)
+        if column is None or column in TEXT_COLUMNS:
+            problems.add(f"target column {spec!r} missing (header: {','.join(table.header)})")
+            continue
+        if column in explicit:
+            problems.add(f"targets repeat a column: {spec!r}")
+        chosen.append(column)
+        explicit.add(column)
+    return list(dict.fromkeys(chosen)), explicit, notes
+
+
+def _image_dir(table: _Table, image_dir: Path | None) -> Path:
+    """The given folder, else the first CSV's folder, or its images/ subfolder if that is where the images are."""
+    if image_dir is not None:
+        return image_dir
+    folder = table.paths[0].parent
+    first = table.rows[0]["filename"][0].strip() if table.rows and "filename" in table.rows[0] else ""
+    if first and not (folder / first).is_file() and (folder / "images" / first).is_file():
+        return folder / "images"
+    return folder
+
+
+def _check_rows(
+    table: _Table, targets: Sequence[str], image_dir: Path, problems: _Problems, *, drop_incomplete: bool
+) -> tuple[list[_Row], int]:
+    """(checked rows, rows dropped): target cells as numbers and image files present. A bad target cell is a
+    problem naming file, line and column, or with drop_incomplete drops its row."""
+    checked, dropped = [], 0
+    for row_number, row in enumerate(table.rows):
+        values, bad = [], []
+        for column in targets:
+            text, name, line = row.get(column, ("", table.paths[0].name, 0))
+            value = _number(text)
             if value is None:
-                problems.add(f"{path.name} line {line}: column {column!r} is not a finite number: {row.get(column)!r}")
+                what = "is empty" if not text.strip() else f"is not a finite number: {text!r}"
+                bad.append(f"{name} line {line}: column {column!r} {what}")
             values.append(value)
-        filename = (row.get("filename") or "").strip()
+        if bad and drop_incomplete:
+            dropped += 1
+            continue
+        for message in bad:
+            problems.add(message)
+        filename, csv_name, line = row.get("filename", ("", table.paths[0].name, 0))
+        filename = filename.strip()
         image_path = image_dir / filename
-        if "filename" in header and (not filename or not image_path.is_file()):
-            problems.add(f"{path.name} line {line}: image file not found: {image_path if filename else '(empty)'}")
-        target = np.asarray(values, np.float32) if len(present) == len(targets) and None not in values else None
-        checked.append(_Row(path.name, row_number, line, filename, image_path, target))
-    return checked
+        if "filename" in table.header and (not filename or not image_path.is_file()):
+            problems.add(f"{csv_name} line {line}: image file not found: {image_path if filename else '(empty)'}")
+        target = None if bad else np.asarray(values, np.float32)
+        checked.append(_Row(csv_name, row_number, line, filename, image_path, target))
+    return checked, dropped
 
 
 def _check_images(rows: Sequence[_Row], problems: _Problems) -> tuple[int, int] | None:
@@ -157,6 +293,7 @@ class CsvConfig(tfds.core.BuilderConfig):
     """A checked CSV conversion: image shape, targets and the examples of each split."""
 
     image_shape: tuple[int, int, int] = (1, 1, 1)
+    image_size: int | None = None  # resize to this square side on conversion
     target_names: tuple[str, ...] = ()
     split_rows: dict = dataclasses.field(default_factory=dict)  # split -> list[_Row]
     metadata: dict = dataclasses.field(default_factory=dict)
@@ -200,17 +337,17 @@ class CosmoSimCsv(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _generate_examples(self, rows: Sequence[_Row]) -> Iterator[tuple[int, dict]]:
         expected = self.builder_config.image_shape
         for row in rows:
-            image = load_image(row.path)
+            image = load_image(row.path, self.builder_config.image_size)
             if image.shape != expected:  # the file changed since it was checked: fail, TFDS deletes the rest
                 raise ValueError(f"{row.path} changed during conversion: {image.shape} instead of {expected}")
             yield row.row, {"image": image, "target": row.target, "row": row.row, "filename": row.filename}
 
 
-def cache_key(data: Path, test_data: Path | None, image_dir: Path, options: dict) -> str:
-    """sha256 of the CSV bytes (and the test CSV's), the image folder and the options: 16 hex digits."""
+def cache_key(paths: Sequence[Path], image_dir: Path, options: dict) -> str:
+    """sha256 of every CSV's bytes, the image folder and the options: 16 hex digits."""
     digest = hashlib.sha256()
-    for path in (data, test_data):
-        digest.update(path.read_bytes() if path is not None and path.is_file() else b"<none>")
+    for path in paths:
+        digest.update(path.read_bytes() if path.is_file() else b"<none>")
         digest.update(b"\0")
     digest.update(
         json.dumps({"image_dir": str(image_dir), "format": FORMAT_VERSION, **options}, sort_keys=True).encode()
@@ -239,81 +376,128 @@ def split_rows(count: int, validation_fraction: float, test_fraction: float, see
     return {name: np.sort(rows) for name, rows in splits.items() if len(rows)}
 
 
+def _paths(files: str | Path | Sequence[str | Path] | None) -> list[Path]:
+    if files is None:
+        return []
+    files = [files] if isinstance(files, (str, Path)) else list(files)
+    return [Path(f).expanduser().resolve() for f in files]
+
+
 def build(
-    data: str | Path,
+    data: str | Path | Sequence[str | Path],
     *,
     image_dir: str | Path | None = None,
-    test_data: str | Path | None = None,
+    validation_data: str | Path | Sequence[str | Path] | None = None,
+    test_data: str | Path | Sequence[str | Path] | None = None,
     targets: Sequence[str] | None = None,
+    angles: Mapping[str, float] | None = None,
+    drop_incomplete: bool = False,
+    image_size: int | None = None,
     data_dir: str | None = None,
     seed: int = 0,
     validation_fraction: float = 0.1,
     test_fraction: float = 0.1,
 ) -> tfds.core.DatasetBuilder:
-    """Converts the CSV once (checking everything first) and returns a builder for the stored dataset.
+    """Converts the CSVs once (checking everything first) and returns a builder for the stored dataset.
 
-    With `test_data`, its rows form the test split and `test_fraction` is ignored.
-    Raises ValueError listing every problem (up to MAX_REPORTED_PROBLEMS) before anything is written.
+    data: one CosmoSim CSV, or several (parameter and roulette files) joined on `filename`. validation_data,
+    test_data: files (or joined pairs) for those splits, instead of holding out validation_fraction /
+    test_fraction of data's rows. targets: names, aliases or patterns (default: the parameters present).
+    angles: target name -> period; only the chosen targets' entries are kept (in the metadata).
+    drop_incomplete: drop rows with an empty or non-numeric target cell instead of refusing them.
+    image_size: resize every image to image_size x image_size (antialiased); None keeps the files' size.
+    A target constant on the training split is dropped with a warning when a pattern or the default chose it,
+    refused when named. Raises ValueError listing every problem (up to MAX_REPORTED_PROBLEMS) before anything
+    is written; warnings (dropped rows and targets) are in the metadata's "notes" and are shown again on loads.
     """
-    data = Path(data).expanduser().resolve()
-    test_path = None if test_data is None else Path(test_data).expanduser().resolve()
-    image_dir_path = None if image_dir is None else Path(image_dir).expanduser().resolve()
+    data_paths, validation_paths, test_paths = _paths(data), _paths(validation_data), _paths(test_data)
+    if not data_paths:
+        raise ValueError("data: give at least one CSV file")
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
     if isinstance(targets, str):
         targets = [targets]
+    image_dir_path = None if image_dir is None else Path(image_dir).expanduser().resolve()
     options = {
         "targets": None if targets is None else list(targets),
+        "angles": dict(sorted((angles or {}).items())),
+        "drop_incomplete": drop_incomplete,
+        "image_size": image_size,
         "seed": seed,
-        "validation_fraction": validation_fraction,
-        "test_fraction": None if test_path is not None else test_fraction,
+        "validation_fraction": None if validation_paths else validation_fraction,
+        "test_fraction": None if test_paths else test_fraction,
+        "files": [[str(p) for p in group] for group in (data_paths, validation_paths, test_paths)],
     }
-    stem = data.stem
+    stem = data_paths[0].stem
     safe_stem = re.sub(r"[^A-Za-z0-9_]+", "_", stem).strip("_").lower() or "dataset"
-    config_name = f"{safe_stem}_{cache_key(data, test_path, image_dir_path or data.parent, options)}"
+    all_paths = data_paths + validation_paths + test_paths
+    config_name = f"{safe_stem}_{cache_key(all_paths, image_dir_path or data_paths[0].parent, options)}"
     root = Path(data_dir).expanduser() if data_dir else Path(tfds.core.constants.get_default_data_dir())
     finished = root / CosmoSimCsv.name / config_name / str(CosmoSimCsv.VERSION)
     if (finished / "dataset_info.json").is_file():
         return tfds.builder_from_directory(finished)
 
     problems = _Problems()
-    header, rows = _read_csv(data, problems)
-    if test_path is not None:
-        test_header, test_rows = _read_csv(test_path, problems)
-    chosen = list(targets) if targets is not None else default_targets(header, rows)
-    if header and not chosen:
-        problems.add(f"{data.name}: no numeric target column among {', '.join(PARAMETER_COLUMNS)}")
-    if len(set(chosen)) != len(chosen):
-        problems.add(f"targets repeat a column: {', '.join(chosen)}")
-    checked = _check_rows(data, header, rows, chosen, image_dir_path or data.parent, problems) if header else []
-    test_checked = []
-    if test_path is not None and test_header:
-        test_checked = _check_rows(
-            test_path, test_header, test_rows, chosen, image_dir_path or test_path.parent, problems
+    tables = {"data": _read_table(data_paths, problems)}
+    for name, paths in (("validation", validation_paths), ("test", test_paths)):
+        if paths:
+            tables[name] = _read_table(paths, problems)
+    chosen, explicit, notes = select_targets(targets, tables["data"], problems)
+    checked, dropped = {}, {}
+    for name, table in tables.items():
+        if not table.header:
+            continue
+        folder = _image_dir(table, image_dir_path)
+        checked[name], dropped[name] = _check_rows(table, chosen, folder, problems, drop_incomplete=drop_incomplete)
+    all_rows = [row for rows in checked.values() for row in rows]
+    shape = _check_images(all_rows, problems)
+    what = ", ".join(str(p) for p in all_paths)
+    problems.raise_if_any(what)
+    if sum(dropped.values()):
+        notes.append(
+            f"dropped {sum(dropped.values())} row(s) with an empty or non-numeric target cell "
+            f"({', '.join(f'{n} in {k}' for k, n in dropped.items() if n)})"
         )
-    shape = _check_images(checked + test_checked, problems)
-    problems.raise_if_any(str(data) if test_path is None else f"{data} and {test_path}")
 
-    splits = split_rows(len(checked), validation_fraction, 0.0 if test_path is not None else test_fraction, seed)
-    split_examples = {name: [checked[i] for i in numbers] for name, numbers in splits.items()}
+    splits = split_rows(
+        len(checked["data"]),
+        0.0 if validation_paths else validation_fraction,
+        0.0 if test_paths else test_fraction,
+        seed,
+    )
+    split_examples = {name: [checked["data"][i] for i in numbers] for name, numbers in splits.items()}
     recorded = {name: numbers.tolist() for name, numbers in splits.items()}
-    if test_path is not None:
-        split_examples["test"] = test_checked
-        recorded["test"] = f"all rows of {test_path}"
+    for name in ("validation", "test"):
+        if name in checked:
+            split_examples[name] = checked[name]
+            recorded[name] = f"all rows of {', '.join(p.name for p in tables[name].paths)}"
+    chosen = _drop_constant_targets(chosen, explicit, split_examples, notes, problems)
+    problems.raise_if_any(what)
+    for rows in split_examples.values():
+        for row in rows:
+            row.target = row.target[[i for i, keep in enumerate(chosen.values()) if keep]]
+    names = [name for name, keep in chosen.items() if keep]
     metadata = {
-        "csv": str(data),
-        "test_csv": None if test_path is None else str(test_path),
+        "csv": [str(p) for p in data_paths],
+        "validation_csv": [str(p) for p in validation_paths] or None,
+        "test_csv": [str(p) for p in test_paths] or None,
         "stem": stem,
-        "image_dir": str(image_dir_path or data.parent),
-        "target_names": chosen,
+        "image_dir": str(_image_dir(tables["data"], image_dir_path)),
+        "target_names": names,
+        "angles": {name: period for name, period in (angles or {}).items() if name in names},
         "seed": seed,
-        "validation_fraction": validation_fraction,
+        "validation_fraction": options["validation_fraction"],
         "test_fraction": options["test_fraction"],
         "split_rows": recorded,
+        "notes": notes,
     }
+    side = (image_size, image_size) if image_size is not None else shape
     config = CsvConfig(
         name=config_name,
-        description=f"{data.name} ({', '.join(chosen)})",
-        image_shape=(*shape, 1),
-        target_names=tuple(chosen),
+        description=f"{data_paths[0].name} ({', '.join(names)})",
+        image_shape=(*side, 1),
+        image_size=image_size,
+        target_names=tuple(names),
         split_rows=split_examples,
         metadata=metadata,
     )
@@ -325,3 +509,28 @@ def build(
         if not (finished / "dataset_info.json").is_file():
             raise
     return tfds.builder_from_directory(finished)
+
+
+def _drop_constant_targets(
+    targets: Sequence[str], explicit: set[str], splits: Mapping[str, Sequence[_Row]], notes: list, problems: _Problems
+) -> dict[str, bool]:
+    """{target: keep}: a target constant on the training split cannot be learned (and its R² is undefined): a
+    named one is a problem, one a pattern or the default chose is dropped with a note."""
+    train = np.stack([row.target for row in splits.get("train", [])]) if splits.get("train") else None
+    keep = {name: True for name in targets}
+    if train is None:
+        return keep
+    constant = [name for i, name in enumerate(targets) if np.ptp(train[:, i]) == 0]
+    for name in constant:
+        if name in explicit:
+            problems.add(
+                f"target {name!r} is constant ({train[0, targets.index(name)]:g}) on the training split: "
+                "it cannot be learned; leave it out of --targets"
+            )
+        keep[name] = False
+    dropped = [name for name in constant if name not in explicit]
+    if dropped:
+        notes.append(f"dropped {len(dropped)} target(s) constant on the training split: {', '.join(dropped)}")
+    if not any(keep.values()) and not (set(constant) & explicit):
+        problems.add("every target is constant on the training split: nothing to learn")
+    return keep

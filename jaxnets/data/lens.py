@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from jaxnets.config import Config
+from jaxnets.config import LENS_IMAGE_SIZE, Config
 
 DEFAULTS = Config()  # lens dataset sizes default to the run's defaults
 PARAM_NAMES = ("x", "y", "einsteinR", "sigma", "sigma2", "theta")
@@ -148,7 +148,7 @@ def generate(
 class LensConfig(tfds.core.BuilderConfig):
     """Image size, split sizes and seed; all are in the name, so a cache is never reused for other sizes."""
 
-    image_size: int = DEFAULTS.image_size
+    image_size: int = LENS_IMAGE_SIZE
     num_train: int = DEFAULTS.num_train
     num_validation: int = DEFAULTS.num_validation
     num_test: int = DEFAULTS.num_test
@@ -159,7 +159,7 @@ class LensConfig(tfds.core.BuilderConfig):
 
 
 def lens_config(
-    image_size: int = DEFAULTS.image_size,
+    image_size: int = LENS_IMAGE_SIZE,
     num_train: int = DEFAULTS.num_train,
     num_validation: int = DEFAULTS.num_validation,
     num_test: int = DEFAULTS.num_test,
@@ -264,7 +264,7 @@ class Lens(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 def build(
-    image_size: int = DEFAULTS.image_size,
+    image_size: int = LENS_IMAGE_SIZE,
     num_train: int = DEFAULTS.num_train,
     num_validation: int = DEFAULTS.num_validation,
     num_test: int = DEFAULTS.num_test,

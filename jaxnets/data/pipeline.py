@@ -13,6 +13,8 @@ import grain
 import jax
 import numpy as np
 
+from jaxnets.data.targets import TargetEncoding
+
 # Batches prepared ahead in background threads. Decoding (zlib, numpy) releases the GIL, so two threads
 # overlap reading with the train step; a small buffer bounds memory (a 32 x 128^2 batch is 2 MiB).
 READ_THREADS = 2
@@ -79,8 +81,8 @@ class _Padded:
         return self.source[index] if index < len(self.source) else self.padding
 
 
-def _finish(standardize: tuple[np.ndarray, np.ndarray] | None):
-    """Per batch: uint8 images to float32 in [0, 1], standardised targets, int32 labels."""
+def _finish(standardize: tuple[np.ndarray, np.ndarray] | None, encoding: TargetEncoding | None):
+    """Per batch: uint8 images to float32 in [0, 1], encoded or standardised targets, int32 labels."""
     if standardize is not None:
         mean, std = (np.asarray(a, np.float32) for a in standardize)
 
@@ -92,8 +94,12 @@ def _finish(standardize: tuple[np.ndarray, np.ndarray] | None):
         }
         if "target" in batch:
             target = batch["target"].astype(np.float32)
-            if standardize is not None:
+            if encoding is not None:
+                out["raw_target"] = target  # the values themselves, for reports (exact, not decoded back)
+                target = encoding.encode(target)
+            elif standardize is not None:
                 target = (target - mean) / std
+            if encoding is not None or standardize is not None:
                 target *= batch["mask"][:, None]  # padding rows stay exactly 0
             out["target"] = target
         if "label" in batch:
@@ -113,6 +119,7 @@ def batches(
     epoch: int = 0,
     start_batch: int = 0,
     standardize: tuple[np.ndarray, np.ndarray] | None = None,
+    encoding: TargetEncoding | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -131,8 +138,10 @@ def batches(
     total = num_batches(dataset, split, batch_size, train=train)
     if not 0 <= start_batch <= total:
         raise ValueError(f"start_batch must be in [0, {total}] for {split!r}, got {start_batch}")
-    if standardize is not None and dataset.task != "regression":
-        raise ValueError("standardize applies to regression targets only")
+    if (standardize is not None or encoding is not None) and dataset.task != "regression":
+        raise ValueError("standardize and encoding apply to regression targets only")
+    if standardize is not None and encoding is not None:
+        raise ValueError("give standardize=(mean, std) or a TargetEncoding (which standardises), not both")
 
     if train:
         examples = grain.MapDataset.source(source).shuffle(seed=epoch_seed(seed, epoch))
@@ -143,7 +152,7 @@ def batches(
     # Slicing the grouped dataset is lazy, so skipped batches and other processes' rows are never read.
     groups = examples.batch(local, drop_remainder=True)
     mine = groups[index::count][start_batch:]
-    ready = mine.map(_finish(standardize))
+    ready = mine.map(_finish(standardize, encoding))
     options = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_BATCHES)
     return iter(ready.to_iter_dataset(options))
 

@@ -1,0 +1,130 @@
+"""Regression targets as the network sees them and back: angles as a (cos, sin) pair, then standardised.
+
+An angle is periodic (theta = 179 degrees is next to theta = 1), so regressing it as a plain number teaches the
+network a jump that is not there. Here a target declared an angle with period T becomes cos(2 pi v / T) and
+sin(2 pi v / T), and the prediction comes back as atan2(sin, cos) * T / (2 pi) in [0, T). Every encoded column
+is then standardised with the training split's mean and standard deviation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+# CosmoSim writes these in degrees: theta and orientation are axes (period 180), phi a direction (period 360).
+COSMOSIM_ANGLES = ("theta:180", "orientation:180", "phi:360")
+
+
+def parse_angles(declarations: Sequence[str]) -> dict[str, float]:
+    """("theta:180", "phi:360") -> {"theta": 180.0, "phi": 360.0}; ValueError naming a bad declaration."""
+    periods = {}
+    for declaration in declarations:
+        name, _, period = declaration.partition(":")
+        try:
+            value = float(period)
+        except ValueError:
+            value = math.nan
+        if not name.strip() or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"angle {declaration!r}: write name:period with a positive period, e.g. theta:180")
+        periods[name.strip()] = value
+    return periods
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetEncoding:
+    """How P targets become the W network outputs (W = P + number of angles) and back.
+
+    names: the targets; periods: per target, its period if it is an angle, else None;
+    mean, std: float32 [W] for standardising the encoded columns, or None to leave them as they are.
+    """
+
+    names: tuple[str, ...]
+    periods: tuple[float | None, ...]
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+
+    @classmethod
+    def fit(
+        cls, names: Sequence[str], angles: Mapping[str, float], train_targets: np.ndarray | None, *, standardize: bool
+    ) -> TargetEncoding:
+        """An encoding for targets `names` (those in `angles` are angles), standardised with the mean and std of
+        the encoded train_targets [N, P] (a constant column gets std 1). standardize=False needs no targets."""
+        plain = cls(tuple(names), tuple(angles.get(name) for name in names))
+        if not standardize:
+            return plain
+        encoded = plain.encode(np.asarray(train_targets, np.float64))
+        mean, std = encoded.mean(axis=0), encoded.std(axis=0)
+        std = np.where(std > 0, std, 1.0)
+        return dataclasses.replace(plain, mean=mean.astype(np.float32), std=std.astype(np.float32))
+
+    @property
+    def angles(self) -> dict[str, float]:
+        return {name: period for name, period in zip(self.names, self.periods, strict=True) if period is not None}
+
+    @property
+    def width(self) -> int:
+        """Network outputs: one per plain target, two per angle."""
+        return len(self.names) + len(self.angles)
+
+    @property
+    def encoded_names(self) -> tuple[str, ...]:
+        """The output columns: "x", "theta cos", "theta sin", ..."""
+        return tuple(
+            column
+            for name, period in zip(self.names, self.periods, strict=True)
+            for column in ((name,) if period is None else (f"{name} cos", f"{name} sin"))
+        )
+
+    def encode(self, targets: np.ndarray) -> np.ndarray:
+        """targets [..., P] -> encoded [..., W] (float32 unless given float64)."""
+        targets = np.asarray(targets)
+        dtype = np.float64 if targets.dtype == np.float64 else np.float32
+        columns = []
+        for i, period in enumerate(self.periods):
+            value = targets[..., i].astype(dtype)
+            if period is None:
+                columns.append(value)
+            else:
+                turn = value * dtype(2 * math.pi / period)
+                columns += [np.cos(turn), np.sin(turn)]
+        encoded = np.stack(columns, axis=-1).astype(dtype)
+        if self.mean is not None:
+            encoded = (encoded - self.mean.astype(dtype)) / self.std.astype(dtype)
+        return encoded
+
+    def decode(self, encoded: np.ndarray) -> np.ndarray:
+        """encoded [..., W] (network outputs) -> targets [..., P]; angles in [0, period)."""
+        encoded = np.asarray(encoded, np.float64)
+        if self.mean is not None:
+            encoded = encoded * self.std + self.mean
+        values, column = [], 0
+        for period in self.periods:
+            if period is None:
+                values.append(encoded[..., column])
+                column += 1
+            else:
+                turn = np.arctan2(encoded[..., column + 1], encoded[..., column])
+                values.append(np.mod(turn * (period / (2 * math.pi)), period))
+                column += 2
+        return np.stack(values, axis=-1)
+
+    def to_json(self) -> dict:
+        return {
+            "names": list(self.names),
+            "periods": list(self.periods),
+            "mean": None if self.mean is None else self.mean.tolist(),
+            "std": None if self.std is None else self.std.tolist(),
+        }
+
+    @classmethod
+    def from_json(cls, value: Mapping) -> TargetEncoding:
+        mean, std = value.get("mean"), value.get("std")
+        return cls(
+            tuple(value["names"]),
+            tuple(value["periods"]),
+            None if mean is None else np.asarray(mean, np.float32),
+            None if std is None else np.asarray(std, np.float32),
+        )
