@@ -25,6 +25,42 @@ TINY = dict(
     compilation_cache="",
 )
 
+# A small CosmoSim 3.3 dataset TOML (SIE/SIS/point-mass lenses, an elliptical Sersic source, nterms 3) for the
+# tests that run the simulator: `{size}`, `{imagesize}` and `{cropsize}` to fill in.
+COSMOSIM_TOML = """
+[simulator]
+model = [ "Raytrace", "Roulette" ]
+size = {size}
+nterms = 3
+imagesize = {imagesize}
+cropsize = {cropsize}
+
+[lens]
+mode = [ "PM", "SIS", "SIE" ]
+einstein-min = 2.5
+einstein-max = 20
+orientation-min = 0
+orientation-max = 180
+ellipseratio-min = 0.1
+ellipseratio-max = 1.0
+
+[source]
+mode = "SersicEllipsoid"
+sigma-min = 1.25
+sigma-max = 8
+sigma2-min = 1.25
+sigma2-max = 8
+theta-min = 0
+theta-max = 180
+position = "polar"
+
+[position]
+phi-min = 0
+phi-max = 360
+r-min = 1
+r-max = 20
+"""
+
 
 def pytest_collection_modifyitems(items):
     for item in items:

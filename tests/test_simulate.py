@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import COSMOSIM_TOML
+
 pytest.importorskip("CosmoSim")
 
 from jaxnets.data import simulate as sim  # noqa: E402  (after the skip: without CosmoSim there is nothing to test)
@@ -21,40 +23,8 @@ pytestmark = pytest.mark.slow  # spawns CosmoSim workers and the CLI: about 30 s
 COUNT = 70  # two chunks: 64 rows and 6
 SEED = 3
 CROP = 48
-NTERMS = 3
-TOML = f"""
-[simulator]
-model = [ "Raytrace", "Roulette" ]
-size = 20
-nterms = {NTERMS}
-imagesize = 64
-cropsize = {CROP}
-
-[lens]
-mode = [ "PM", "SIS", "SIE" ]
-einstein-min = 2.5
-einstein-max = 20
-orientation-min = 0
-orientation-max = 180
-ellipseratio-min = 0.1
-ellipseratio-max = 1.0
-
-[source]
-mode = "SersicEllipsoid"
-sigma-min = 1.25
-sigma-max = 8
-sigma2-min = 1.25
-sigma2-max = 8
-theta-min = 0
-theta-max = 180
-position = "polar"
-
-[position]
-phi-min = 0
-phi-max = 360
-r-min = 1
-r-max = 20
-"""
+NTERMS = 3  # as in conftest.COSMOSIM_TOML
+TOML = COSMOSIM_TOML.format(size=20, imagesize=64, cropsize=CROP)
 # As `python -m CosmoSim --toml dataset.toml --rnd ...` writes them for this TOML.
 PARAMS_HEADER = (
     "index,filename,model,einsteinradius,ellipseratio,orientation,lens,source,R,phi,sigma,sigma2,theta,n_sersic,"
