@@ -1,13 +1,17 @@
-"""Checkpoints with orbax: the latest and the best (lowest validation loss) TrainState of a run,
+"""Checkpoints with orbax: the two latest and the best (lowest validation loss) TrainState of a run,
 each with a JSON record of where training stood (epoch, batch, partial sums).
 
 Orbax writes each step to a temporary folder and renames it when complete, so a crash mid-write
-leaves the previous checkpoint intact; incomplete folders are never listed as steps.
+leaves the previous checkpoint intact; incomplete folders are never listed as steps. The checkpoint before the
+latest is kept too, so a latest one damaged later (a disk error, a copy cut short) still leaves one to resume from
+(`restore_newest_intact`). A save is refused before it starts when the disk lacks the room for it, and a save that
+fails anyway raises CheckpointSaveError naming the folder; the checkpoints already there stay intact.
 """
 
 import glob
 import math
 import os
+import shutil
 import warnings
 from typing import Any
 
@@ -19,6 +23,14 @@ from orbax.checkpoint import checkpoint_managers
 from jaxnets.training import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
+# Beyond the arrays' own bytes, room for orbax's metadata and the JSON record.
+SPACE_MARGIN_BYTES = 64 << 10
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (no space, a read-only folder, a quota); earlier ones are intact."""
+
+    exit_code = 4
 
 
 def _key_data(tree: Any) -> Any:
@@ -37,7 +49,7 @@ def _saveable(state: TrainState) -> dict:
 
 
 class Checkpointer:
-    """Keeps the latest checkpoint and the best by validation loss in `<workdir>/checkpoints`."""
+    """Keeps the two latest checkpoints and the best by validation loss in `<workdir>/checkpoints`."""
 
     def __init__(self, workdir: str, *, read_only: bool = False):
         self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
@@ -51,7 +63,7 @@ class Checkpointer:
             )
         policy = checkpoint_managers.AnyPreservationPolicy(
             [
-                checkpoint_managers.LatestN(n=1),
+                checkpoint_managers.LatestN(n=2),  # the previous one too, in case the latest is later damaged
                 # Mid-epoch (interrupt) checkpoints carry no validation loss and are kept only while latest.
                 checkpoint_managers.BestN(
                     get_metric_fn=_validation_loss, reverse=True, n=1, keep_checkpoints_without_metrics=False
@@ -70,6 +82,7 @@ class Checkpointer:
             cleanup_tmp_directories=not read_only,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._failure = False
 
     def steps(self) -> list[int]:
         return list(self.manager.all_steps())
@@ -87,14 +100,40 @@ class Checkpointer:
         return None if metrics is None else float(metrics["validation_loss"])
 
     def save(self, state: TrainState, record: dict, validation_loss: float | None = None) -> None:
-        """Starts an asynchronous save of state and record (JSON) at step state.step."""
+        """Starts an asynchronous save of state and record (JSON) at step state.step.
+
+        Waits for the previous save first (its failure is raised here). Raises CheckpointSaveError, before writing
+        anything, if the disk has less free space than the state's bytes, or if orbax refuses the save.
+        """
         step = int(jax.device_get(state.step))
+        self.wait()
+        needed = sum(leaf.nbytes for leaf in jax.tree.leaves(_saveable(state))) + SPACE_MARGIN_BYTES
+        free = shutil.disk_usage(self.directory).free
+        if free < needed:
+            raise CheckpointSaveError(
+                f"not enough space to save checkpoint step {step} in {self.directory}: about {needed / 1e6:.1f} MB "
+                f"needed, {free / 1e6:.1f} MB free. Free some space (or move the workdir) and resume with the same "
+                "command; the checkpoints already there are intact."
+            )
         metrics = None if validation_loss is None else {"validation_loss": float(validation_loss)}
-        self.manager.save(
-            step,
-            metrics=metrics,
-            force=True,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(_saveable(state)), record=ocp.args.JsonSave(record)),
+        try:
+            self.manager.save(
+                step,
+                metrics=metrics,
+                force=True,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(_saveable(state)), record=ocp.args.JsonSave(record)
+                ),
+            )
+        except Exception as error:  # orbax and tensorstore raise many types for an unwritable folder
+            raise self._failed(error) from None
+
+    def _failed(self, error: BaseException) -> CheckpointSaveError:
+        self._failure = True
+        message = str(error).strip().splitlines()[0][:500] if str(error).strip() else type(error).__name__
+        return CheckpointSaveError(
+            f"saving a checkpoint in {self.directory} failed: {message}. The checkpoints already there are "
+            "intact; fix the cause (space, permissions, quota) and resume with the same command."
         )
 
     def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
@@ -133,9 +172,33 @@ class Checkpointer:
         state = template.replace(params=loaded["params"], rest=rest, opt_state=loaded["opt_state"], step=loaded["step"])
         return state, dict(restored.record)
 
+    def restore_newest_intact(self, template: TrainState) -> tuple[TrainState, dict, list[str]]:
+        """Restores the latest checkpoint, or, if it is damaged, the newest one that restores; returns
+        (state, record, one warning per damaged checkpoint skipped). Raises ValueError if none restores."""
+        skipped = []
+        for step in sorted(self.steps(), reverse=True):
+            try:
+                state, record = self.restore(template, step)
+            except ValueError as error:
+                skipped.append(f"{error}; falling back to the checkpoint before it")
+                continue
+            return state, record, skipped
+        raise ValueError("no checkpoint in " + self.directory + " restores:\n  " + "\n  ".join(skipped))
+
+    def delete(self, step: int) -> None:
+        self.manager.delete(step)
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Blocks until the pending save is written; raises CheckpointSaveError if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:  # the background save's own error, re-raised by orbax here
+            raise self._failed(error) from None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the pending save and closes the manager (after a failed save, without raising again)."""
+        try:
+            if not self._failure:
+                self.wait()
+        finally:
+            self.manager.close()

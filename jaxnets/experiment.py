@@ -9,6 +9,7 @@ import functools
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -17,6 +18,7 @@ import numpy as np
 import optax
 from absl import logging as absl_logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jaxnets import data as data_lib
 from jaxnets import host_memory, losses, metrics, monitor, report, training
@@ -25,6 +27,7 @@ from jaxnets.config import Config, format_value
 from jaxnets.data import pipeline
 from jaxnets.data.targets import TargetEncoding
 from jaxnets.models import MLP, Inception3
+from jaxnets.workdir_lock import WorkdirBusy, WorkdirLock
 
 
 class RunError(Exception):
@@ -37,12 +40,19 @@ class RunError(Exception):
 
 def run_command(body: Callable[..., int], *args) -> int:
     """Runs a command-line tool's body and returns its exit code; a problem with the user's input (RunError,
-    a bad value, an unreadable file) becomes one line on stderr and exit code 2 (or the RunError's), no traceback."""
-    try:
-        return body(*args)
-    except (RunError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return getattr(error, "exit_code", 2)
+    a bad value, an unreadable file) becomes one line on stderr and exit code 2 (or the error's own), no traceback.
+    Warnings print as `warning: ...` lines."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return body(*args)
+        except (RunError, ValueError, OSError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return getattr(error, "exit_code", 2)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +159,22 @@ def build_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTrans
 # Training
 
 
+def _lock_workdir(workdir: str) -> WorkdirLock | None:
+    """The workdir's lock, taken by the run's first process (a multi-process run shares its workdir); every
+    process of a second run on the same workdir is refused with RunError, before anything is written."""
+    lock, refusal = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = WorkdirLock(workdir).acquire()
+        except WorkdirBusy as error:
+            refusal = str(error)
+    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(refusal is not None)):
+        refusal = refusal or f"workdir {workdir!r} is in use by another run (process 0 of this run was refused)"
+    if refusal is not None:
+        raise RunError(refusal)
+    return lock
+
+
 def _check_saved_config(config: Config, workdir: str) -> None:
     """Refuses to resume a run whose saved setup differs from the requested one."""
     try:
@@ -187,9 +213,14 @@ def _resume(config: Config, checkpointer: Checkpointer, state: training.TrainSta
         return state, 1, 0, None, []
     _check_saved_config(config, config.run_dir)
     try:
-        state, record = checkpointer.restore(state)
+        state, record, damaged = checkpointer.restore_newest_intact(state)
     except ValueError as error:
         raise RunError(str(error)) from None
+    for message in damaged:
+        warnings.warn(message, stacklevel=2)
+    for step in checkpointer.steps():
+        if step > int(state.step):  # damaged: training will write these steps again
+            checkpointer.delete(step)
     epoch, batch = record["epoch"] + 1, record["batch"]
     print(f"Resuming from {checkpointer.directory} step {int(state.step)}: epoch {epoch}, batch {batch}", flush=True)
     partial = None if record.get("partial") is None else jax.tree.map(jnp.asarray, record["partial"])
@@ -245,20 +276,21 @@ def train_and_evaluate(config: Config) -> dict:
     )
     example = next(iter(train_batches()))
     lowered = _lower_train_step(train_step, training.replicate(state, mesh), training.shard_batch(example, mesh), model)
-    # Everything is checked: only now is anything written to the workdir.
-    checkpointer = Checkpointer(workdir)
-    state, first_epoch, start_batch, totals, history = _resume(config, checkpointer, state)
-    config.save(workdir)
+    # Everything is checked: only now is anything written to the workdir, by one run at a time.
     is_main = jax.process_index() == 0
-    writer = monitor.MetricWriter(workdir, history, enabled=is_main)
-    state = training.replicate(state, mesh)
-    # Compile before the first step and give the compiler's freed memory back, so that it and the step's buffers
-    # do not both count towards the peak memory.
-    train_step = lowered.compile()
-    host_memory.release_freed_memory()
-    record_base = {"targets": None if encoding is None else encoding.to_json()}
+    lock, checkpointer, writer = _lock_workdir(workdir), None, None
     with monitor.StopSignals() as stop:
         try:
+            checkpointer = Checkpointer(workdir)
+            state, first_epoch, start_batch, totals, history = _resume(config, checkpointer, state)
+            config.save(workdir)
+            writer = monitor.MetricWriter(workdir, history, enabled=is_main)
+            state = training.replicate(state, mesh)
+            # Compile before the first step and give the compiler's freed memory back, so that it and the step's
+            # buffers do not both count towards the peak memory.
+            train_step = lowered.compile()
+            host_memory.release_freed_memory()
+            record_base = {"targets": None if encoding is None else encoding.to_json()}
             for epoch in range(first_epoch, config.epochs + 1):
                 started = time.perf_counter()
                 progress = monitor.Progress(config, epoch, start_batch, steps_per_epoch, stop, show=is_main)
@@ -298,10 +330,11 @@ def train_and_evaluate(config: Config) -> dict:
                     print(f"Stopped after epoch {epoch}; resume with the same command.", file=sys.stderr)
                     return {"history": writer.history, "interrupted": stop.exit_code}
         finally:
-            # Every way out (finished, interrupted, diverged) waits for the async save and flushes the events,
-            # still under StopSignals, so a second Ctrl-C during the wait exits at once.
-            checkpointer.close()
-            writer.close()
+            # Every way out (finished, interrupted, diverged, refused) waits for the async save and flushes the
+            # events, still under StopSignals, so a second Ctrl-C during the wait exits at once.
+            for resource in (checkpointer, writer, lock):
+                if resource is not None:
+                    resource.close()
     if is_main and writer.history:
         report.plot_loss_curve(os.path.join(workdir, "loss_curve.png"), writer.history)
     return {"history": writer.history, "interrupted": None}
@@ -309,6 +342,17 @@ def train_and_evaluate(config: Config) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation
+
+
+def _candidates(checkpointer: Checkpointer, which: str) -> list[int]:
+    """The checkpoints to try, best first: by validation loss for "best" (mid-epoch saves last), newest first for
+    "latest"."""
+    newest_first = sorted(checkpointer.steps(), reverse=True)
+    if which == "latest":
+        return newest_first
+    losses = {step: checkpointer.validation_loss(step) for step in newest_first}
+    rated = [step for _, step in sorted((loss, step) for step, loss in losses.items() if loss is not None)]
+    return rated + [step for step in newest_first if step not in rated]
 
 
 def _saved_encoding(record: dict, dataset: data_lib.Dataset) -> TargetEncoding:
@@ -343,24 +387,29 @@ def evaluate_run(
     available = checkpointer.steps()
     if not available:
         raise RunError(f"no complete checkpoint in {checkpointer.directory}: train first, or check --workdir")
-    if step is None:
-        step = checkpointer.best_step() if which == "best" else None
-        if step is None:  # --latest, or no checkpoint records a validation loss
-            step, which = checkpointer.latest_step(), "latest"
-    elif step not in available:
+    if step is not None and step not in available:
         raise RunError(f"no checkpoint at step {step} in {checkpointer.directory}; available steps: {available}")
+    if step is not None:
+        which, candidates = "step", [step]
     else:
-        which = "step"
-    validation_loss = checkpointer.validation_loss(step)
+        if which == "best" and checkpointer.best_step() is None:
+            which = "latest"  # no checkpoint records a validation loss
+        candidates = _candidates(checkpointer, which)
     dataset = load_data(config)
     if split not in dataset.splits:
         raise RunError(f"dataset {dataset.name!r} has no split {split!r}; it has {sorted(dataset.splits)}")
     loss_fn = loss_function(config, dataset)
     template = training.TrainState.create(build_model(config, dataset), build_optimizer(config, 1))
-    try:
-        state, record = checkpointer.restore(template, step)
-    except ValueError as error:
-        raise RunError(str(error)) from None
+    for step in candidates:
+        try:
+            state, record = checkpointer.restore(template, step)
+            break
+        except ValueError as error:
+            if step == candidates[-1]:
+                raise RunError(str(error)) from None
+            # A damaged best (or latest) checkpoint: the next one in line, and the report says so.
+            warnings.warn(f"{error}; evaluating the next {which} checkpoint instead", stacklevel=2)
+    validation_loss = checkpointer.validation_loss(step)
     mesh = training.data_mesh()
     encoding = _saved_encoding(record, dataset) if dataset.task == "regression" else None
     batches = pipeline.batches(dataset, split, config.batch_size, train=False, encoding=encoding)

@@ -41,13 +41,15 @@ def test_the_best_checkpoint_survives_resumed_runs_that_diverge(tmp_path, data_d
     train(workdir, data_dir, epochs=2, lr=50)
     losses = validation_losses(workdir)
     assert losses[12] > losses[6]
-    assert saved_steps(workdir) == [6, 12]  # the best and the latest
+    assert saved_steps(workdir) == [6, 12]  # the best (and the previous) and the latest
     train(workdir, data_dir, epochs=3, lr=50)
+    assert saved_steps(workdir) == [6, 12, 18]  # the best and the two latest
+    train(workdir, data_dir, epochs=4, lr=50)
     assert min(validation_losses(workdir).values()) == validation_losses(workdir)[6]
-    assert saved_steps(workdir) == [6, 18]
+    assert saved_steps(workdir) == [6, 18, 24]  # step 6 is kept only as the best
     assert_evaluate_picks(workdir, 6)
     latest = run_script("evaluate.py", "--workdir", workdir, "--latest")
-    assert latest.returncode == 0 and "latest checkpoint step 18 (validation loss" in latest.stdout
+    assert latest.returncode == 0 and "latest checkpoint step 24 (validation loss" in latest.stdout
 
 
 def test_an_interrupt_save_never_displaces_the_best(tmp_path, data_dir):
@@ -59,6 +61,6 @@ def test_an_interrupt_save_never_displaces_the_best(tmp_path, data_dir):
     code, _, err = finish(process)
     assert code == 143, err[-3000:]
     assert saved_steps(workdir) == [6, 9]  # the best (epoch 1) and the mid-epoch save
-    train(workdir, data_dir, epochs=2, lr=50)
-    assert saved_steps(workdir) == [6, 12]  # the interrupt save gave way to the end of epoch 2; the best stays
+    train(workdir, data_dir, epochs=3, lr=50)
+    assert saved_steps(workdir) == [6, 12, 18]  # the interrupt save gave way to the epochs' ends; the best stays
     assert_evaluate_picks(workdir, 6)

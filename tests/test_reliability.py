@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 
 import jax
 import numpy as np
@@ -17,7 +18,7 @@ from flax import nnx
 
 from conftest import TINY as TINY_RUN
 from conftest import cli_args, finish, run_script, start_paused
-from jaxnets import experiment, losses, monitor, training
+from jaxnets import checkpoint, experiment, losses, monitor, training
 from jaxnets.checkpoint import Checkpointer
 from jaxnets.config import Config
 from jaxnets.models import MLP
@@ -223,3 +224,96 @@ def test_init_from_a_file_that_is_not_an_inception3_state_dict(tmp_path, data_di
         result = run_script("train.py", *cli_args(**base, init_from=path, workdir=tmp_path / "run", data_dir=data_dir))
         assert result.returncode == 2, result.stderr[-2000:]
         assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def damage(workdir, step):
+    """Overwrites the array data of one checkpoint, as a disk error or a copy cut short would."""
+    for root, _, files in os.walk(os.path.join(workdir, "checkpoints", str(step))):
+        for name in files:
+            if "state" in root and not name.startswith("_"):
+                with open(os.path.join(root, name), "r+b") as f:
+                    f.write(b"\0garbage" * 64)
+
+
+@pytest.mark.slow
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, data_dir):
+    workdir = str(tmp_path / "run")
+    experiment.train_and_evaluate(Config(**TWO_EPOCHS, workdir=workdir, data_dir=data_dir))
+    assert Checkpointer(workdir, read_only=True).steps() == [6, 12]  # the previous checkpoint is kept too
+    damage(workdir, 12)
+    evaluated = run_script("evaluate.py", "--workdir", workdir)  # step 12 is the best: evaluate falls back
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "warning: checkpoint step 12" in evaluated.stderr and "damaged" in evaluated.stderr
+    assert "evaluating the next best checkpoint instead" in evaluated.stderr
+    assert "best checkpoint step 6 (validation loss" in evaluated.stdout
+    resumed = run_script("train.py", *cli_args(**{**TWO_EPOCHS, "epochs": 3}, workdir=workdir, data_dir=data_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (
+        "warning: checkpoint step 12" in resumed.stderr and "falling back to the checkpoint before it" in resumed.stderr
+    )
+    assert "Resuming from" in resumed.stdout and "step 6: epoch 2, batch 0" in resumed.stdout
+    assert [h["epoch"] for h in history(workdir)] == [1, 2, 3]
+    assert 18 in Checkpointer(workdir, read_only=True).steps()
+
+
+def small_filesystem(path, size="2m"):
+    """A size-limited tmpfs at path (needs root); None where it cannot be mounted."""
+    os.makedirs(path, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return None
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return path if mounted.returncode == 0 else None
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_training_with_one_message_and_keeps_the_checkpoints(tmp_path, data_dir, monkeypatch):
+    small = small_filesystem(tmp_path / "small")
+    workdir = str(tmp_path / "small" / "run")
+    args = cli_args(**{**TWO_EPOCHS, "epochs": 3}, workdir=workdir, data_dir=data_dir)
+    try:
+        if small is not None:  # a real full disk: room for about one checkpoint of this model (~0.4 MB)
+            with open(small / "filler", "wb") as f:
+                f.write(b"\0" * 1_500_000)
+            result = run_script("train.py", *args)
+            code, err = result.returncode, result.stderr
+        else:  # no root: the checkpoints' disk reports 0 bytes free once the first checkpoint is there
+            real = checkpoint.shutil.disk_usage
+
+            def disk_usage(path):
+                usage = real(path)
+                full = os.path.basename(path) == "checkpoints" and any(n.isdigit() for n in os.listdir(path))
+                return usage._replace(free=0) if full else usage
+
+            monkeypatch.setattr(checkpoint.shutil, "disk_usage", disk_usage)
+            with pytest.raises(checkpoint.CheckpointSaveError) as error:
+                experiment.train_and_evaluate(Config(**{**TWO_EPOCHS, "epochs": 3}, workdir=workdir, data_dir=data_dir))
+            code, err = error.value.exit_code, f"error: {error.value}"
+        assert code == 4, err[-3000:]
+        (message,) = [line for line in err.splitlines() if line.startswith("error:")]
+        assert f"not enough space to save checkpoint step 12 in {workdir}/checkpoints" in message
+        assert "MB needed" in message and "intact" in message and "Traceback" not in err
+        assert Checkpointer(workdir, read_only=True).steps() == [6]
+        assert [h["epoch"] for h in history(workdir)] == [1]
+        if small is not None:
+            os.remove(small / "filler")  # space again: the same command resumes and finishes
+            resumed = run_script("train.py", *args)
+            assert resumed.returncode == 0 and "Resuming from" in resumed.stdout, resumed.stderr[-3000:]
+    finally:
+        if small is not None:
+            subprocess.run(["umount", str(small)], check=False)
+
+
+def test_a_save_orbax_refuses_is_one_clear_error(tmp_path, data_dir, monkeypatch):
+    workdir = str(tmp_path / "run")
+    real_save = checkpoint.ocp.CheckpointManager.save
+
+    def read_only_after_the_first(self, step, *args, **kwargs):
+        if step > 6:
+            raise PermissionError(13, "Permission denied", f"{self.directory}/{step}.orbax-checkpoint-tmp")
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "save", read_only_after_the_first)
+    with pytest.raises(checkpoint.CheckpointSaveError, match=r"saving a checkpoint in .*checkpoints failed: .*"
+                                                             r"Permission denied.*intact"):  # fmt: skip
+        experiment.train_and_evaluate(Config(**TWO_EPOCHS, workdir=workdir, data_dir=data_dir))
+    assert Checkpointer(workdir, read_only=True).steps() == [6]
