@@ -115,6 +115,11 @@ class Config:
     )
     seed: int = _option(0, "seed for initialisation, shuffling and dropout", resume=True)
     on_nan: str = _option("stop", "on a NaN/Inf loss: stop, or skip the step's update", ("stop", "skip"), resume=True)
+    read_threads: int = _option(
+        2,
+        "threads reading and preparing examples ahead of the train step (raise it if "
+        "train.py warns that the step waits on data)",
+    )
     # Run
     workdir: str | None = _option(None, "run folder for checkpoints and reports (default runs/<dataset>-<model>)")
     distributed: bool = _option(False, "multi-host: call jax.distributed.initialize() (auto-detects Slurm)")

@@ -269,7 +269,14 @@ def train_and_evaluate(config: Config) -> dict:
     state = training.TrainState.create(model, build_optimizer(config, steps_per_epoch))
     train_step, eval_step = training.make_train_step(loss_fn), training.make_eval_step(loss_fn)
     train_batches = functools.partial(
-        pipeline.batches, dataset, "train", config.batch_size, train=True, seed=config.seed, encoding=encoding
+        pipeline.batches,
+        dataset,
+        "train",
+        config.batch_size,
+        train=True,
+        seed=config.seed,
+        encoding=encoding,
+        read_threads=config.read_threads,
     )
     validation_batches = functools.partial(
         pipeline.batches, dataset, "validation", config.batch_size, train=False, encoding=encoding
@@ -291,14 +298,16 @@ def train_and_evaluate(config: Config) -> dict:
             train_step = lowered.compile()
             host_memory.release_freed_memory()
             record_base = {"targets": None if encoding is None else encoding.to_json()}
+            data_wait = monitor.DataWait(config.read_threads)
             for epoch in range(first_epoch, config.epochs + 1):
                 started = time.perf_counter()
                 progress = monitor.Progress(config, epoch, start_batch, steps_per_epoch, stop, show=is_main)
-                batches = train_batches(epoch=epoch, start_batch=start_batch)
+                batches = data_wait.wrap(train_batches(epoch=epoch, start_batch=start_batch))
                 state, totals, finished = training.train_epoch(
                     state, batches, train_step, mesh, totals=totals, on_step=progress
                 )
                 progress.close()
+                data_wait.check(epoch, time.perf_counter() - started)
                 summary = training.summarize(totals)
                 if summary["nonfinite"] and config.on_nan == "stop":
                     raise _diverged(summary, epoch, checkpointer, config)

@@ -7,6 +7,8 @@ import os
 import signal
 import sys
 import time
+import warnings
+from collections.abc import Iterator
 
 from tqdm import tqdm
 
@@ -106,6 +108,47 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class DataWait:
+    """Wraps an epoch's batch iterator and times how long the loop waits for each batch: the train step's device
+    sits idle meanwhile. `check(seconds)` warns, once per run, when the waits took more than WARN_FRACTION of the
+    epoch's training time (and at least MIN_WAIT_SECONDS)."""
+
+    WARN_FRACTION = 0.10
+    MIN_WAIT_SECONDS = 0.5  # sub-second epochs of tiny models are not worth a warning
+
+    def __init__(self, read_threads: int):
+        self.read_threads = read_threads
+        self.waited = 0.0
+        self.warned = False
+
+    def wrap(self, batches: Iterator) -> Iterator:
+        """Yields the batches, adding up the waits for all but the first (which includes starting the readers)."""
+        self.waited = 0.0
+        iterator = iter(batches)
+        first = True
+        while True:
+            started = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            if not first:
+                self.waited += time.perf_counter() - started
+            first = False
+            yield batch
+
+    def check(self, epoch: int, seconds: float) -> None:
+        if self.warned or seconds <= 0 or self.waited <= max(self.WARN_FRACTION * seconds, self.MIN_WAIT_SECONDS):
+            return
+        self.warned = True
+        warnings.warn(
+            f"the train step waited on data for {self.waited / seconds:.0%} of epoch {epoch}'s training time: the "
+            f"data source is slower than the model; raise --read-threads (now {self.read_threads}) to read ahead "
+            "with more threads",
+            stacklevel=2,
+        )
 
 
 def read_history(workdir: str, completed_epochs: int) -> list[dict]:

@@ -3,9 +3,12 @@
 import csv
 import dataclasses
 import json
+import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from conftest import TINY, cli_args, run_script
@@ -117,29 +120,94 @@ def test_classification_run_reports_accuracy_and_confusion(tmp_path):
     assert report["accuracy"] == pytest.approx(np.mean(predicted == true))
 
 
-@pytest.mark.parametrize(
-    "changes",
-    [
-        dict(schedule="cosine"),
-        dict(schedule="plateau"),
-        dict(weight_decay=0.1),
-        dict(on_nan="skip"),
-        dict(precision="bf16"),
-    ],
-)
-def test_every_optimizer_option_trains(tmp_path, changes):
-    config = tiny_config(tmp_path, **changes)
-    dataset = experiment.load_data(config)
-    state = training.TrainState.create(
-        experiment.build_model(config, dataset), experiment.build_optimizer(config, steps_per_epoch=6)
+def updates(tx, steps, *, grad=1.0, params=None, values=None):
+    """The update of parameter w (3 zeros unless params) at each of `steps` calls with a constant gradient."""
+    params = params or {"w": jnp.zeros(3)}
+    grads = jax.tree.map(lambda p: jnp.full_like(p, grad), params)
+    tx = optax.with_extra_args_support(tx)
+    state, seen = tx.init(params), []
+    for step in range(steps):
+        update, state = tx.update(grads, state, params, value=1.0 if values is None else values[step])
+        seen.append(np.asarray(update["w"]))
+    return seen
+
+
+def test_cosine_schedule_decays_the_learning_rate_to_zero_at_the_last_step(tmp_path):
+    # Adam's update for a constant gradient is the learning rate itself, so it shows the schedule.
+    tx = experiment.build_optimizer(tiny_config(tmp_path, schedule="cosine", lr=0.01, epochs=2), steps_per_epoch=5)
+    seen = [float(-u[0]) for u in updates(tx, 11)]
+    assert seen[0] == pytest.approx(0.01, rel=1e-3)
+    assert seen[5] == pytest.approx(0.005, rel=1e-3)  # halfway: cos(pi/2) halves it
+    assert seen[10] == pytest.approx(0.0, abs=1e-9) and seen[9] < 0.0003
+    constant = [float(-u[0]) for u in updates(experiment.build_optimizer(tiny_config(tmp_path, lr=0.01), 5), 11)]
+    assert constant == pytest.approx([0.01] * 11, rel=1e-3)
+
+
+def test_plateau_halves_the_learning_rate_after_patience_flat_epochs(tmp_path):
+    tx = experiment.build_optimizer(tiny_config(tmp_path, schedule="plateau", lr=0.01), steps_per_epoch=2)
+    seen = [float(-u[0]) for u in updates(tx, 20, values=[1.0] * 20)]  # a loss that never improves
+    # Epoch 1 (steps 0-1) sets the best; the 5th flat epoch after it (steps 10-11) exhausts the patience, and the
+    # scale halves from its last step on (the next halving would come 5 flat epochs later, past step 19).
+    assert seen[:11] == pytest.approx([0.01] * 11, rel=1e-3)
+    assert seen[11:] == pytest.approx([0.005] * 9, rel=1e-3)
+
+
+def test_weight_decay_shrinks_a_weight_whose_gradient_is_zero(tmp_path):
+    tx = experiment.build_optimizer(tiny_config(tmp_path, lr=0.1, weight_decay=0.5), steps_per_epoch=1)
+    (update,) = updates(tx, 1, grad=0.0, params={"w": jnp.full(3, 2.0)})
+    np.testing.assert_allclose(update, -0.1 * 0.5 * 2.0, rtol=1e-6)  # decoupled decay: -lr * wd * w
+    (plain,) = updates(
+        experiment.build_optimizer(tiny_config(tmp_path, lr=0.1), 1), 1, grad=0.0, params={"w": jnp.full(3, 2.0)}
     )
-    mesh = training.data_mesh()
-    step = training.make_train_step(experiment.loss_function(config, dataset))
-    batches = list(pipeline.batches(dataset, "train", 16, train=True, epoch=1, encoding=dataset.target_encoding()))
-    losses_seen = []
-    for _ in range(4):
-        for batch in batches:
-            state, metrics = step(state, training.shard_batch(batch, mesh))
-        losses_seen.append(training.summarize(metrics)["loss"])
-    assert int(state.step) == 4 * len(batches)
-    assert np.isfinite(losses_seen).all() and losses_seen[-1] < losses_seen[0]
+    np.testing.assert_array_equal(plain, 0.0)
+
+
+def test_bf16_runs_the_products_in_bfloat16(tmp_path):
+    def products(precision):
+        config = tiny_config(tmp_path, precision=precision)
+        dataset = experiment.load_data(config)
+        state = training.TrainState.create(
+            experiment.build_model(config, dataset), experiment.build_optimizer(config, 6)
+        )
+        batch = next(iter(pipeline.batches(dataset, "train", 16, train=True, encoding=dataset.target_encoding())))
+        step = training.make_train_step(experiment.loss_function(config, dataset), donate=False)
+        hlo = step.lower(state, training.shard_batch(batch, training.data_mesh())).as_text()
+        return re.findall(r"stablehlo.dot_general.*?-> tensor<[^>]*x(\w+)>", hlo)
+
+    assert products("bf16") and set(products("bf16")) == {"bf16"}
+    assert products("f32") and set(products("f32")) == {"f32"}
+
+
+def test_on_nan_skip_leaves_the_parameters_and_counts_the_step(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path, on_nan="skip", epochs=1)
+    real_batches = pipeline.batches
+
+    def one_bad_batch(dataset, split, *args, **kwargs):
+        for number, batch in enumerate(real_batches(dataset, split, *args, **kwargs)):
+            if split == "train" and number == 2:
+                batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+            yield batch
+
+    monkeypatch.setattr(experiment.pipeline, "batches", one_bad_batch)
+    kept = []
+    real_epoch = training.train_epoch
+
+    def watch(state, batches, train_step, mesh, **kwargs):
+        on_step = kwargs.pop("on_step")
+
+        def record(state, totals):
+            kept.append(jax.tree.map(np.array, state.params))
+            return on_step(state, totals)
+
+        return real_epoch(state, batches, train_step, mesh, on_step=record, **kwargs)
+
+    monkeypatch.setattr(experiment.training, "train_epoch", watch)
+    result = experiment.train_and_evaluate(config)
+    assert result["interrupted"] is None and len(result["history"]) == 1
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert records[0]["skipped_steps"] == 1  # counted, and the run went on
+    for before, after in zip(jax.tree.leaves(kept[1]), jax.tree.leaves(kept[2]), strict=True):
+        np.testing.assert_array_equal(before, after)  # step 3 (the NaN batch) changed nothing
+    assert any(
+        not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(kept[2]), jax.tree.leaves(kept[3]), strict=True)
+    )

@@ -329,7 +329,7 @@ def test_train_mode_gradients_match_torchvision(torch):
     assert len(expected) == 284  # 94 convolutions and their BatchNorms (weight, bias each), fc weight and bias
     errors = {name: relative_error(actual[name].numpy(), grad) for name, grad in expected.items()}
     worst = max(errors, key=errors.get)
-    assert errors[worst] <= 1e-5, (worst, errors[worst])  # measured 1.1e-7
+    assert errors[worst] <= 2e-7, (worst, errors[worst])  # measured 1.1e-7; the README quotes this bound
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

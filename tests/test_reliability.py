@@ -9,19 +9,19 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
+import time
+import warnings
 
 import jax
 import numpy as np
-import optax
 import pytest
-from flax import nnx
 
+from conftest import ROOT, cli_args, finish, run_script, start_paused
 from conftest import TINY as TINY_RUN
-from conftest import cli_args, finish, run_script, start_paused
-from jaxnets import checkpoint, experiment, losses, monitor, training
+from jaxnets import checkpoint, experiment, monitor, training
 from jaxnets.checkpoint import Checkpointer
 from jaxnets.config import Config
-from jaxnets.models import MLP
 
 TINY = {**TINY_RUN, "num_train": 64, "num_test": 16, "epochs": 1}  # 4 steps per epoch
 # Two epochs of 6 steps; signal tests pause at a known step of epoch 1 (JAXNETS_PAUSE_AT_STEP) and interrupt it.
@@ -133,24 +133,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
     assert [h["epoch"] for h in history(workdir)] == [1]
 
 
-def test_on_nan_skip_leaves_the_parameters_untouched():
-    model = MLP(4, [8], 2, rngs=nnx.Rngs(0))
-    state = training.TrainState.create(model, optax.apply_if_finite(optax.adam(1e-2), 100))
-    before = jax.tree.map(np.array, state.params)
-    step = training.make_train_step(losses.mse, donate=False)
-    batch = {
-        "image": np.full((4, 4), np.nan, np.float32),
-        "target": np.zeros((4, 2), np.float32),
-        "mask": np.ones(4, np.float32),
-    }
-    state, metrics = step(state, training.shard_batch(batch, training.data_mesh()))
-    summary = training.summarize(metrics)
-    assert summary["nonfinite"] == 1 and summary["first_nonfinite_step"] == 1
-    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params), strict=True):
-        np.testing.assert_array_equal(a, b)
-
-
-@pytest.mark.slow
 def test_incompatible_workdir_is_refused_by_the_cli(tmp_path, data_dir):
     workdir = str(tmp_path / "run")
     experiment.train_and_evaluate(Config(**TINY, workdir=workdir, data_dir=data_dir))
@@ -317,3 +299,78 @@ def test_a_save_orbax_refuses_is_one_clear_error(tmp_path, data_dir, monkeypatch
                                                              r"Permission denied.*intact"):  # fmt: skip
         experiment.train_and_evaluate(Config(**TWO_EPOCHS, workdir=workdir, data_dir=data_dir))
     assert Checkpointer(workdir, read_only=True).steps() == [6]
+
+
+def test_a_slow_data_source_warns_once_naming_read_threads(tmp_path, data_dir, monkeypatch):
+    from jaxnets import data as data_lib
+
+    real_one, real_many = data_lib.Examples.__getitem__, data_lib.Examples.__getitems__
+
+    def slow_one(self, index):
+        time.sleep(0.01)  # a network filesystem: 10 ms per example, far slower than the tiny MLP
+        return real_one(self, index)
+
+    def slow_many(self, indices):
+        time.sleep(0.01 * len(indices))
+        return real_many(self, indices)
+
+    monkeypatch.setattr(data_lib.Examples, "__getitem__", slow_one)
+    monkeypatch.setattr(data_lib.Examples, "__getitems__", slow_many)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        values = {**TWO_EPOCHS, "num_train": 16 * 20}  # epochs long enough to outlast the readers' head start
+        experiment.train_and_evaluate(Config(**values, workdir=str(tmp_path / "run"), data_dir=data_dir))
+    waits = [str(w.message) for w in caught if "waited on data" in str(w.message)]
+    assert len(waits) == 1, waits  # once per run, not once per epoch
+    assert re.search(r"waited on data for \d+% of epoch \d's training time.*raise --read-threads \(now 2\)", waits[0])
+
+
+RSS_PROBE = """
+import json, os, sys
+from jaxnets import experiment, monitor
+from jaxnets.config import Config
+
+samples, call = [], monitor.Progress.__call__
+def probe(self, state, totals):
+    keep_going = call(self, state, totals)
+    step = int(state.step)
+    if step % 25 == 0:
+        with open("/proc/self/statm") as f:
+            samples.append((step, int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")))
+    return keep_going
+monitor.Progress.__call__ = probe
+experiment.train_and_evaluate(Config(**json.loads(sys.argv[1])))
+print(json.dumps(samples))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the resident set size from /proc")
+def test_memory_stays_flat_over_300_steps(tmp_path, data_dir):
+    values = {**TINY_RUN, "num_train": 16 * 100, "epochs": 3, "workdir": str(tmp_path / "run"), "data_dir": data_dir}
+    result = subprocess.run([sys.executable, "-c", RSS_PROBE, json.dumps(values)], capture_output=True, text=True,
+                            timeout=600, cwd=ROOT, env={**os.environ, "JAXNETS_HUGE_PAGES": "0"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    samples = dict(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert max(samples) == 300
+    # Warm after epoch 1 (100 steps): its end compiles the eval step and starts the checkpointer's threads.
+    warm, end = samples[125], samples[300]
+    assert end <= warm * 1.03, f"resident memory grew from {warm / 1e6:.0f} MB to {end / 1e6:.0f} MB: {samples}"
+
+
+@pytest.mark.slow
+def test_evaluate_options_do_what_help_says(tmp_path, trained_workdir):
+    step = Checkpointer(trained_workdir, read_only=True).latest_step()
+    by_step = run_script("evaluate.py", "--workdir", trained_workdir, "--step", step)
+    assert by_step.returncode == 0 and f"checkpoint step {step} (validation loss" in by_step.stdout
+    validation = run_script("evaluate.py", "--workdir", trained_workdir, "--split", "validation")
+    assert validation.returncode == 0, validation.stderr[-3000:]
+    report = json.loads(open(os.path.join(trained_workdir, "eval_validation.json")).read())
+    assert report["split"] == "validation" and report["count"] == TINY["num_validation"]
+    # --data-dir: the run's dataset moved elsewhere is read from there (the old folder is not rebuilt).
+    workdir, old, moved = str(tmp_path / "run"), tmp_path / "data", tmp_path / "moved"
+    experiment.train_and_evaluate(Config(**TINY, workdir=workdir, data_dir=str(old)))
+    shutil.move(old, moved)
+    elsewhere = run_script("evaluate.py", "--workdir", workdir, "--data-dir", moved)
+    assert elsewhere.returncode == 0, elsewhere.stderr[-3000:]
+    assert not old.exists() and f"examples: {TINY['num_test']}" in elsewhere.stdout

@@ -177,3 +177,17 @@ def test_checkpoint_round_trip_keeps_everything(tmp_path, mesh):
     with pytest.raises(ValueError, match=r"available steps: \[1\]"):
         checkpointer.restore(template, step=7)
     checkpointer.close()
+
+
+def test_padded_evaluation_compiles_once_for_every_split_size(mesh):
+    # 20 and 13 examples at batch 8: padded last batches keep one shape, so the eval step compiles once.
+    state, eval_step = new_state(), training.make_eval_step(losses.mse, with_predictions=True)
+    for rows in (20, 13):
+        batch = make_batch(rows=rows)
+        padding = (-rows) % 8
+        padded = {key: np.concatenate([value, np.zeros_like(value[:padding])]) for key, value in batch.items()}
+        padded["index"] = np.arange(rows + padding)
+        batches = [{key: value[i : i + 8] for key, value in padded.items()} for i in range(0, rows + padding, 8)]
+        result = training.evaluate(state, batches, eval_step, mesh, with_predictions=True)
+        assert result["count"] == rows and len(result["predictions"]) == rows
+    assert eval_step._cache_size() == 1

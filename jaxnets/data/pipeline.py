@@ -13,11 +13,12 @@ import grain
 import jax
 import numpy as np
 
+from jaxnets.config import Config
 from jaxnets.data.targets import TargetEncoding
 
 # Batches prepared ahead in background threads. Decoding (zlib, numpy) releases the GIL, so two threads
 # overlap reading with the train step; a small buffer bounds memory (a 32 x 128^2 batch is 2 MiB).
-READ_THREADS = 2
+READ_THREADS = Config().read_threads  # the run's default (--read-threads)
 PREFETCH_BATCHES = 4
 
 
@@ -120,6 +121,7 @@ def batches(
     start_batch: int = 0,
     standardize: tuple[np.ndarray, np.ndarray] | None = None,
     encoding: TargetEncoding | None = None,
+    read_threads: int = READ_THREADS,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -131,6 +133,7 @@ def batches(
     train=True: shuffled by (seed, epoch), remainder dropped, every row real.
     train=False: in order, the last batch padded with mask 0, so each example appears exactly once.
     start_batch skips that many batches of the epoch without reading them (exact mid-epoch resume).
+    read_threads: threads reading and preparing examples ahead of the train step (more for a slow source).
     Under multi-process JAX each process gets rows [p*b, (p+1)*b) of every global batch.
     """
     source = _split(dataset, split)
@@ -153,7 +156,9 @@ def batches(
     groups = examples.batch(local, drop_remainder=True)
     mine = groups[index::count][start_batch:]
     ready = mine.map(_finish(standardize, encoding))
-    options = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_BATCHES)
+    if read_threads < 1:
+        raise ValueError(f"read_threads must be at least 1, got {read_threads}")
+    options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=PREFETCH_BATCHES)
     return iter(ready.to_iter_dataset(options))
 
 
