@@ -29,6 +29,9 @@ from jaxnets.data.targets import TargetEncoding
 from jaxnets.models import MLP, Inception3
 from jaxnets.workdir_lock import WorkdirBusy, WorkdirLock
 
+# Programs that compile faster than this are not worth a cache entry (and the disk it takes).
+CACHE_MIN_COMPILE_SECONDS = 0.5
+
 
 class RunError(Exception):
     """A problem the user can fix (bad option, incompatible workdir, diverged run): message + exit code."""
@@ -66,7 +69,7 @@ def setup_jax(config: Config) -> None:
         jax.distributed.initialize()  # reads the coordinator from Slurm (or JAX_COORDINATOR_ADDRESS...)
     if config.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", os.path.abspath(config.compilation_cache))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
 
 
 def load_data(config: Config) -> data_lib.Dataset:
@@ -104,6 +107,12 @@ def num_outputs(dataset: data_lib.Dataset) -> int:
     return dataset.target_encoding(standardize=False).width
 
 
+def _output_names(dataset: data_lib.Dataset) -> tuple[str, ...]:
+    if dataset.task == "classification":
+        return tuple(dataset.target_names)
+    return dataset.target_encoding(standardize=False).encoded_names
+
+
 def build_model(config: Config, dataset: data_lib.Dataset) -> nnx.Module:
     """The network named by config.model, sized for dataset's images and outputs."""
     dtype = jnp.bfloat16 if config.precision == "bf16" else jnp.float32
@@ -129,7 +138,7 @@ def build_model(config: Config, dataset: data_lib.Dataset) -> nnx.Module:
         if model.num_outputs != outputs:
             raise RunError(
                 f"--init-from {config.init_from} has {model.num_outputs} outputs; the dataset "
-                f"needs {outputs} ({', '.join(dataset.target_names)})"
+                f"needs {outputs} ({', '.join(_output_names(dataset))})"
             )
         return model
     return Inception3(outputs, **kwargs, rngs=rngs)

@@ -7,6 +7,8 @@ import signal
 import pytest
 
 from conftest import TINY, cli_args, finish, run_script, start_paused
+from jaxnets import experiment
+from jaxnets.config import Config
 
 pytestmark = pytest.mark.slow
 
@@ -42,9 +44,10 @@ def test_the_best_checkpoint_survives_resumed_runs_that_diverge(tmp_path, data_d
     losses = validation_losses(workdir)
     assert losses[12] > losses[6]
     assert saved_steps(workdir) == [6, 12]  # the best (and the previous) and the latest
-    train(workdir, data_dir, epochs=3, lr=50)
+    # Two more resumes, in-process (the same code behind train.py), so that step 6 is kept only as the best.
+    experiment.train_and_evaluate(Config(**{**TINY, "epochs": 3, "lr": 50}, workdir=workdir, data_dir=data_dir))
     assert saved_steps(workdir) == [6, 12, 18]  # the best and the two latest
-    train(workdir, data_dir, epochs=4, lr=50)
+    experiment.train_and_evaluate(Config(**{**TINY, "epochs": 4, "lr": 50}, workdir=workdir, data_dir=data_dir))
     assert min(validation_losses(workdir).values()) == validation_losses(workdir)[6]
     assert saved_steps(workdir) == [6, 18, 24]  # step 6 is kept only as the best
     assert_evaluate_picks(workdir, 6)

@@ -211,3 +211,51 @@ def test_on_nan_skip_leaves_the_parameters_and_counts_the_step(tmp_path, monkeyp
     assert any(
         not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(kept[2]), jax.tree.leaves(kept[3]), strict=True)
     )
+
+
+def test_a_second_identical_run_compiles_from_the_persistent_cache(tmp_path, monkeypatch):
+    # The tiny MLP compiles in well under the 0.5 s threshold; cache every program for the test.
+    monkeypatch.setattr(experiment, "CACHE_MIN_COMPILE_SECONDS", 0)
+    events = []
+    jax.monitoring.register_event_listener(lambda event, **kwargs: events.append(event))
+    cache = tmp_path / "cache"
+    for name in ("first", "second"):
+        events.clear()
+        jax.clear_caches()  # as a new process would: nothing compiled in memory
+        experiment.train_and_evaluate(tiny_config(tmp_path, workdir=str(tmp_path / name), compilation_cache=str(cache)))
+        if name == "first":
+            entries = sorted(p.name for p in cache.iterdir())
+            assert entries and events.count("/jax/compilation_cache/cache_misses") >= 2  # train and eval steps
+    assert (
+        events.count("/jax/compilation_cache/cache_hits") >= 2 and "/jax/compilation_cache/cache_misses" not in events
+    )
+    assert sorted(p.name for p in cache.iterdir()) == entries  # nothing new written
+
+
+def test_tensorboard_events_and_the_loss_curve_are_written(tmp_path):
+    pytest.importorskip("tensorboardX")  # in the test extra: the events are only written where it is installed
+    experiment.train_and_evaluate(tiny_config(tmp_path))
+    (events,) = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
+    content = events.read_bytes()
+    assert b"loss/train" in content and b"loss/validation" in content
+    assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("bad, stops_after", [(7, 20), (27, 30)])
+def test_the_nan_check_names_the_step_that_went_bad(tmp_path, monkeypatch, bad, stops_after):
+    # 30 steps per epoch, checked every 20 steps and at the epoch's end: a NaN at step 7 stops the run after step 20,
+    # one at step 27 at the end of the epoch; both name the step that went bad.
+    real_batches, fed = pipeline.batches, []
+
+    def nan_at(dataset, split, *args, **kwargs):
+        for number, batch in enumerate(real_batches(dataset, split, *args, **kwargs)):
+            if split == "train" and kwargs.get("epoch", 0) >= 1:  # not the batch that traces the step
+                fed.append(number)
+                if number == bad - 1:
+                    batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+            yield batch
+
+    monkeypatch.setattr(experiment.pipeline, "batches", nan_at)
+    with pytest.raises(experiment.RunError, match=rf"NaN or Inf at step {bad} in epoch 1") as error:
+        experiment.train_and_evaluate(tiny_config(tmp_path, num_train=16 * 30, epochs=1))
+    assert error.value.exit_code == 3 and len(fed) == stops_after

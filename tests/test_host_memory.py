@@ -112,3 +112,26 @@ def test_release_freed_memory_returns_the_heap():
         ).stdout.split(),
     )
     assert after < before - 200_000, (before, after)
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+def test_the_scripts_restart_themselves_with_huge_pages(tmp_path, script):
+    # A sitecustomize module logs each interpreter start: the restart is a second start in the same process.
+    probe, log = tmp_path / "probe", tmp_path / "starts.log"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(
+        "import os\n"
+        "with open(os.environ['JAXNETS_PROBE_LOG'], 'a') as f:\n"
+        "    f.write(f\"{os.getpid()} {os.environ.get('GLIBC_TUNABLES', '-')}\\n\")\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key not in ("GLIBC_TUNABLES", "JAXNETS_HUGE_PAGES")}
+    env.update(PYTHONPATH=str(probe), JAXNETS_PROBE_LOG=str(log))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, script, "--help"], cwd=root, env=env, capture_output=True, check=True)
+    starts = [line.split() for line in log.read_text().splitlines()]
+    if not host_memory.wanted(env):  # transparent huge pages "always" or "never" here: nothing to ask for
+        assert len(starts) == 1
+        return
+    assert len(starts) == 2, starts
+    (pid, tunables), (pid_after, tunables_after) = starts
+    assert pid_after == pid and tunables == "-" and tunables_after == "glibc.malloc.hugetlb=1"
