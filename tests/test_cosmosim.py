@@ -90,13 +90,14 @@ def test_targets_by_name_default_numeric_columns_and_image_dir(tmp_path):
     for r in rows[1:]:
         r[HEADER.index("sigma2")] = ""
     csv_path.write_text("\n".join(",".join(r) for r in rows) + "\n")
-    dataset = load_dataset(
-        data=str(csv_path),
-        image_dir=str(tmp_path / "elsewhere"),
-        data_dir=str(tmp_path / "tfds"),
-        validation_fraction=0.2,
-        test_fraction=0.0,
-    )
+    with pytest.warns(UserWarning, match="not default targets, as some cells are empty: sigma2"):
+        dataset = load_dataset(
+            data=str(csv_path),
+            image_dir=str(tmp_path / "elsewhere"),
+            data_dir=str(tmp_path / "tfds"),
+            validation_fraction=0.2,
+            test_fraction=0.0,
+        )
     assert dataset.target_names == ("x", "y", "einsteinR", "sigma", "theta")
     assert set(dataset.splits) == {"train", "validation"}
     chosen = load_dataset(
