@@ -64,7 +64,7 @@ class Checkpointer:
         policy = checkpoint_managers.AnyPreservationPolicy(
             [
                 checkpoint_managers.LatestN(n=2),  # the previous one too, in case the latest is later damaged
-                # Mid-epoch (interrupt) checkpoints carry no validation loss and are kept only while latest.
+                # Mid-epoch (interrupt) checkpoints carry no validation loss: kept only while among the two latest.
                 checkpoint_managers.BestN(
                     get_metric_fn=_validation_loss, reverse=True, n=1, keep_checkpoints_without_metrics=False
                 ),
@@ -107,7 +107,8 @@ class Checkpointer:
         """
         step = int(jax.device_get(state.step))
         self.wait()
-        needed = sum(leaf.nbytes for leaf in jax.tree.leaves(_saveable(state))) + SPACE_MARGIN_BYTES
+        saveable = _saveable(state)
+        needed = sum(leaf.nbytes for leaf in jax.tree.leaves(saveable)) + SPACE_MARGIN_BYTES
         free = shutil.disk_usage(self.directory).free
         if free < needed:
             raise CheckpointSaveError(
@@ -121,9 +122,7 @@ class Checkpointer:
                 step,
                 metrics=metrics,
                 force=True,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(_saveable(state)), record=ocp.args.JsonSave(record)
-                ),
+                args=ocp.args.Composite(state=ocp.args.StandardSave(saveable), record=ocp.args.JsonSave(record)),
             )
         except Exception as error:  # orbax and tensorstore raise many types for an unwritable folder
             raise self._failed(error) from None

@@ -100,17 +100,15 @@ def loss_function(config: Config, dataset: data_lib.Dataset) -> training.LossFn:
     return losses.LOSSES[name]
 
 
-def num_outputs(dataset: data_lib.Dataset) -> int:
-    """Classes, or regression outputs: one per target, two (cos, sin) per angle."""
-    if dataset.task == "classification":
-        return dataset.num_classes
-    return dataset.target_encoding(standardize=False).width
-
-
-def _output_names(dataset: data_lib.Dataset) -> tuple[str, ...]:
+def output_names(dataset: data_lib.Dataset) -> tuple[str, ...]:
+    """The network's outputs: the classes, or one per regression target and two (cos, sin) per angle."""
     if dataset.task == "classification":
         return tuple(dataset.target_names)
     return dataset.target_encoding(standardize=False).encoded_names
+
+
+def num_outputs(dataset: data_lib.Dataset) -> int:
+    return len(output_names(dataset))
 
 
 def build_model(config: Config, dataset: data_lib.Dataset) -> nnx.Module:
@@ -138,7 +136,7 @@ def build_model(config: Config, dataset: data_lib.Dataset) -> nnx.Module:
         if model.num_outputs != outputs:
             raise RunError(
                 f"--init-from {config.init_from} has {model.num_outputs} outputs; the dataset "
-                f"needs {outputs} ({', '.join(_output_names(dataset))})"
+                f"needs {outputs} ({', '.join(output_names(dataset))})"
             )
         return model
     return Inception3(outputs, **kwargs, rngs=rngs)

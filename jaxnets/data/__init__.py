@@ -137,25 +137,26 @@ class Dataset:
         standardised with the train split's statistics when standardize is True."""
         if self.task != "regression":
             raise ValueError(f"target_encoding() is for regression; {self.name} is a {self.task} dataset")
-        train = self.splits["train"].targets() if standardize else None
+        train = self._train_targets("target_encoding()") if standardize else None
         return TargetEncoding.fit(self.target_names, self.angles, train, standardize=standardize)
 
     def target_stats(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-target mean and standard deviation over the train split: float32 [P] each.
+        """Per-target mean and standard deviation over the train split: float32 [P] each (angles as plain numbers).
 
         A constant target gets std 1 so that standardising it cannot divide by zero.
         """
         if self.task != "regression":
             raise ValueError(f"target_stats() is for regression; {self.name} is a {self.task} dataset")
-        if "stats" not in self._cache:
+        plain = TargetEncoding.fit(self.target_names, {}, self._train_targets("target_stats()"), standardize=True)
+        return plain.mean.copy(), plain.std.copy()
+
+    def _train_targets(self, caller: str) -> np.ndarray:
+        """The train split's targets [N, P], read once (reading decodes every example)."""
+        if "train_targets" not in self._cache:
             if "train" not in self.splits or len(self.splits["train"]) == 0:
-                raise ValueError(f"{self.name}: target_stats() needs a non-empty train split")
-            targets = self.splits["train"].targets().astype(np.float64)
-            mean, std = targets.mean(axis=0), targets.std(axis=0)
-            std = np.where(std > 0, std, 1.0)
-            self._cache["stats"] = (mean.astype(np.float32), std.astype(np.float32))
-        mean, std = self._cache["stats"]
-        return mean.copy(), std.copy()
+                raise ValueError(f"{self.name}: {caller} needs a non-empty train split")
+            self._cache["train_targets"] = self.splits["train"].targets()
+        return self._cache["train_targets"]
 
 
 def load_dataset(

@@ -443,12 +443,14 @@ def build(
         if paths:
             tables[name] = _read_table(paths, problems)
     chosen, explicit, notes = select_targets(targets, tables["data"], problems)
-    checked, dropped = {}, {}
+    checked, dropped, folders = {}, {}, {}
     for name, table in tables.items():
         if not table.header:
             continue
-        folder = _image_dir(table, image_dir_path)
-        checked[name], dropped[name] = _check_rows(table, chosen, folder, problems, drop_incomplete=drop_incomplete)
+        folders[name] = _image_dir(table, image_dir_path)
+        checked[name], dropped[name] = _check_rows(
+            table, chosen, folders[name], problems, drop_incomplete=drop_incomplete
+        )
     all_rows = [row for rows in checked.values() for row in rows]
     shape = _check_images(all_rows, problems)
     what = ", ".join(str(p) for p in all_paths)
@@ -482,7 +484,7 @@ def build(
         "validation_csv": [str(p) for p in validation_paths] or None,
         "test_csv": [str(p) for p in test_paths] or None,
         "stem": stem,
-        "image_dir": str(_image_dir(tables["data"], image_dir_path)),
+        "image_dir": str(folders["data"]),
         "target_names": names,
         "angles": {name: period for name, period in (angles or {}).items() if name in names},
         "seed": seed,

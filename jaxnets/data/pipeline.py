@@ -82,10 +82,9 @@ class _Padded:
         return self.source[index] if index < len(self.source) else self.padding
 
 
-def _finish(standardize: tuple[np.ndarray, np.ndarray] | None, encoding: TargetEncoding | None):
-    """Per batch: uint8 images to float32 in [0, 1], encoded or standardised targets, int32 labels."""
-    if standardize is not None:
-        mean, std = (np.asarray(a, np.float32) for a in standardize)
+def _finish(encoding: TargetEncoding | None, keep_raw: bool):
+    """Per batch: uint8 images to float32 in [0, 1], encoded targets (and the raw ones, with keep_raw), int32
+    labels."""
 
     def finish(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {
@@ -95,12 +94,10 @@ def _finish(standardize: tuple[np.ndarray, np.ndarray] | None, encoding: TargetE
         }
         if "target" in batch:
             target = batch["target"].astype(np.float32)
-            if encoding is not None:
+            if keep_raw:
                 out["raw_target"] = target  # the values themselves, for reports (exact, not decoded back)
+            if encoding is not None:
                 target = encoding.encode(target)
-            elif standardize is not None:
-                target = (target - mean) / std
-            if encoding is not None or standardize is not None:
                 target *= batch["mask"][:, None]  # padding rows stay exactly 0
             out["target"] = target
         if "label" in batch:
@@ -145,6 +142,10 @@ def batches(
         raise ValueError("standardize and encoding apply to regression targets only")
     if standardize is not None and encoding is not None:
         raise ValueError("give standardize=(mean, std) or a TargetEncoding (which standardises), not both")
+    # A TargetEncoding's batches also carry the raw targets; plain standardisation leaves undoing it to the caller.
+    keep_raw = encoding is not None
+    if standardize is not None:
+        encoding = TargetEncoding.standardizing(*standardize)
 
     if train:
         examples = grain.MapDataset.source(source).shuffle(seed=epoch_seed(seed, epoch))
@@ -155,7 +156,7 @@ def batches(
     # Slicing the grouped dataset is lazy, so skipped batches and other processes' rows are never read.
     groups = examples.batch(local, drop_remainder=True)
     mine = groups[index::count][start_batch:]
-    ready = mine.map(_finish(standardize, encoding))
+    ready = mine.map(_finish(encoding, keep_raw))
     if read_threads < 1:
         raise ValueError(f"read_threads must be at least 1, got {read_threads}")
     options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=PREFETCH_BATCHES)

@@ -60,6 +60,12 @@ class TargetEncoding:
         std = np.where(std > 0, std, 1.0)
         return dataclasses.replace(plain, mean=mean.astype(np.float32), std=std.astype(np.float32))
 
+    @classmethod
+    def standardizing(cls, mean: np.ndarray, std: np.ndarray) -> TargetEncoding:
+        """Plain standardisation, (targets - mean) / std, of P unnamed targets: mean, std [P]."""
+        mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        return cls(tuple(str(i) for i in range(mean.shape[0])), (None,) * mean.shape[0], mean, std)
+
     @property
     def angles(self) -> dict[str, float]:
         return {name: period for name, period in zip(self.names, self.periods, strict=True) if period is not None}
