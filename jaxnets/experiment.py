@@ -297,7 +297,8 @@ def train_and_evaluate(config: Config) -> dict:
         try:
             checkpointer = Checkpointer(workdir)
             state, first_epoch, start_batch, totals, history = _resume(config, checkpointer, state)
-            config.save(workdir)
+            if is_main:
+                config.save(workdir)
             writer = monitor.MetricWriter(workdir, history, enabled=is_main)
             state = training.replicate(state, mesh)
             # Compile before the first step and give the compiler's freed memory back, so that it and the step's

@@ -11,9 +11,12 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxnets import losses, training
+from conftest import ROOT, TINY, cli_args
+from jaxnets import experiment, losses, training
 from jaxnets.checkpoint import Checkpointer
+from jaxnets.config import Config
 from jaxnets.models import MLP
+from jaxnets.monitor import read_history
 
 WORKER = os.path.join(os.path.dirname(__file__), "multidevice_worker.py")
 
@@ -145,6 +148,43 @@ def test_two_processes_agree_with_one(single_device_result):
     assert results[0]["devices"] == 2
     assert results[0] == results[1]
     np.testing.assert_allclose(results[0]["losses"], single_device_result["losses"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_train_py_distributed_on_two_slurm_tasks_matches_one_process(tmp_path, data_dir):
+    """`train.py --distributed` as Slurm starts it: two tasks, the coordinator found from the SLURM_* variables.
+
+    Without a real joint run the second task would be refused by the workdir lock (exit 2); with a wrong global
+    batch the losses would differ from the one-process run's.
+    """
+    single = str(tmp_path / "single")
+    experiment.train_and_evaluate(Config(**TINY, workdir=single, data_dir=data_dir))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    workdir = str(tmp_path / "distributed")
+    args = [os.path.join(ROOT, "train.py"), "--distributed", *cli_args(**TINY, workdir=workdir, data_dir=data_dir)]
+    slurm = dict(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2", SLURM_LOCALID="0")
+    tasks = [
+        subprocess.Popen(
+            [sys.executable, *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **slurm, "SLURM_PROCID": str(i), "JAX_COORDINATOR_PORT": port},
+        )
+        for i in range(2)
+    ]
+    for task in tasks:
+        out, err = task.communicate(timeout=240)
+        assert task.returncode == 0, err[-3000:]
+        assert "Epoch 2: Loss" in out
+    drop_seconds = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]  # noqa: E731
+    ours, expected = drop_seconds(read_history(workdir, 2)), drop_seconds(read_history(single, 2))
+    assert [r["epoch"] for r in ours] == [1, 2]
+    for a, b in zip(ours, expected, strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
 
 
 def test_checkpoint_round_trip_keeps_everything(tmp_path, mesh):
