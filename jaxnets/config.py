@@ -94,7 +94,17 @@ class Config:
     )
     dropout: float = _option(0.5, "inception3: dropout before the last layer")
     aux_logits: bool = _option(False, "inception3: torchvision's auxiliary classifier (needs >= 299 px)", resume=True)
-    init_from: str | None = _option(None, "a PyTorch Inception3 checkpoint (.pt/.pth state_dict) to start from")
+    init_from: str | None = _option(
+        None, "inception3: a PyTorch Inception3 checkpoint (.pt/.pth state_dict) of the same shape to start from"
+    )
+    fine_tune: bool = _option(
+        False,
+        "with --init-from: keep only its backbone (weights and BatchNorm statistics, e.g. torchvision's ImageNet "
+        "inception_v3_google-*.pth), adapt its first convolution to the images' channels, and train a new head",
+    )
+    freeze_backbone_epochs: int = _option(
+        0, "with --fine-tune: train the head alone for this many epochs first", resume=True
+    )
     # Optimisation
     loss: str | None = _option(
         None,

@@ -72,6 +72,76 @@ def inception3_from_torch(state_dict: Mapping[str, Any], **model_kwargs: Any) ->
     return model
 
 
+# The layers a fine-tuned model gets new: the classifier and the auxiliary classifier's last layer.
+HEAD_PREFIXES = ("fc.", "AuxLogits.fc.")
+_FIRST_CONV = "Conv2d_1a_3x3.conv.weight"
+
+
+def inception3_for_fine_tuning(
+    state_dict: Mapping[str, Any], num_outputs: int, *, in_channels: int, rngs: nnx.Rngs, **model_kwargs: Any
+) -> Inception3:
+    """A new Inception3 for num_outputs outputs on in_channels-channel images, whose backbone is a torchvision
+    Inception3's: torchvision's ImageNet file (inception_v3_google-*.pth: 3 channels, 1,000 classes, aux head) or
+    any variant.
+
+    Every backbone weight and BatchNorm running statistic is copied unchanged, the first convolution adapted to
+    in_channels by adapt_input_conv; the head (fc, and AuxLogits.fc when aux_logits) is freshly initialised from
+    rngs with model_kwargs' head_features. The state_dict's own head, and its AuxLogits when the new model has
+    none, are not used. Missing or mis-shaped backbone keys raise ValueError listing them all.
+    """
+    arrays = {name: _to_numpy(value) for name, value in state_dict.items()}
+    if _FIRST_CONV in arrays:
+        arrays[_FIRST_CONV] = adapt_input_conv(arrays[_FIRST_CONV], in_channels)
+    model = Inception3(num_outputs, in_channels=in_channels, **model_kwargs, rngs=rngs)
+    backbone = {
+        name: variable for name, variable in _torch_named_variables(model).items() if not name.startswith(HEAD_PREFIXES)
+    }
+    missing = [name for name in backbone if name not in arrays and not name.endswith(_OPTIONAL)]
+    misshaped = [
+        f"{name}: {arrays[name].shape}, expected {_torch_shape(variable)}"
+        for name, variable in backbone.items()
+        if name in arrays and arrays[name].shape != _torch_shape(variable)
+    ]
+    if missing or misshaped:
+        problems = [
+            f"{title} ({len(names)}): " + ", ".join(names)
+            for title, names in [("missing keys", missing), ("mis-shaped", misshaped)]
+            if names
+        ]
+        raise ValueError("state_dict has no Inception3 backbone to fine-tune:\n  " + "\n  ".join(problems))
+    for name, variable in backbone.items():
+        if name in arrays:
+            variable.set_value(jnp.array(_from_torch_layout(arrays[name]), variable.get_value().dtype))
+    return model
+
+
+def adapt_input_conv(weight: np.ndarray, in_channels: int) -> np.ndarray:
+    """A first-convolution weight [out, 3, kh, kw] trained on RGB images, for images with in_channels channels.
+
+    Grey (1): the sum of the three kernels, so a grey image gives what the RGB network gave for (g, g, g).
+    Others: the RGB kernels repeated cyclically and scaled by 3 / in_channels (timm's adapt_input_conv).
+    A weight that already takes in_channels is returned as it is.
+    """
+    have = weight.shape[1]
+    if have == in_channels:
+        return weight
+    if have != 3:
+        raise ValueError(
+            f"the first convolution takes {have}-channel images; only an RGB (3-channel) one can be adapted to "
+            f"{in_channels} channels"
+        )
+    if in_channels == 1:
+        return weight.sum(axis=1, keepdims=True)
+    repeated = np.tile(weight, (1, -(-in_channels // 3), 1, 1))[:, :in_channels]
+    return repeated * np.asarray(3 / in_channels, weight.dtype)
+
+
+def state_dict_in_channels(state_dict: Mapping[str, Any]) -> int | None:
+    """The channel count an Inception3 state_dict's first convolution takes (None when it has none)."""
+    weight = state_dict.get(_FIRST_CONV)
+    return None if weight is None or len(weight.shape) != 4 else int(weight.shape[1])
+
+
 def export_to_torch_state_dict(model: Inception3) -> dict[str, Any]:
     """The inverse of inception3_from_torch: a state_dict torchvision's Inception3 (same variant) loads strictly.
 

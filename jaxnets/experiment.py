@@ -112,34 +112,60 @@ def num_outputs(dataset: data_lib.Dataset) -> int:
 
 
 def build_model(config: Config, dataset: data_lib.Dataset) -> nnx.Module:
-    """The network named by config.model, sized for dataset's images and outputs."""
+    """The network named by config.model, sized for dataset's images and outputs (see _from_torch for
+    --init-from)."""
     dtype = jnp.bfloat16 if config.precision == "bf16" else jnp.float32
     height, width, channels = dataset.image_shape
     outputs = num_outputs(dataset)
     rngs = nnx.Rngs(config.seed)
     if config.model == "mlp":
         return MLP(height * width * channels, config.hidden, outputs, dtype=dtype, rngs=rngs)
-    kwargs = dict(
-        in_channels=channels,
-        aux_logits=config.aux_logits,
-        dropout=config.dropout,
-        head_features=config.head_features,
-        dtype=dtype,
-    )
+    kwargs = dict(aux_logits=config.aux_logits, dropout=config.dropout, head_features=config.head_features, dtype=dtype)
     if config.init_from:
-        from jaxnets import convert
+        return _from_torch(config, dataset, kwargs, rngs)
+    return Inception3(outputs, in_channels=channels, **kwargs, rngs=rngs)
 
-        try:
-            model = convert.inception3_from_torch(convert.load_torch_checkpoint(config.init_from), **kwargs, rngs=rngs)
-        except (OSError, ValueError) as error:
-            raise RunError(f"--init-from {config.init_from}: {error}") from None
-        if model.num_outputs != outputs:
-            raise RunError(
-                f"--init-from {config.init_from} has {model.num_outputs} outputs; the dataset "
-                f"needs {outputs} ({', '.join(output_names(dataset))})"
+
+def _from_torch(config: Config, dataset: data_lib.Dataset, kwargs: dict, rngs: nnx.Rngs) -> Inception3:
+    """--init-from: the whole network from a state_dict of the same shape, or (--fine-tune) its backbone."""
+    from jaxnets import convert
+
+    channels, outputs = dataset.image_shape[2], num_outputs(dataset)
+    try:
+        state_dict = convert.load_torch_checkpoint(config.init_from)
+        if config.fine_tune:
+            return convert.inception3_for_fine_tuning(state_dict, outputs, in_channels=channels, rngs=rngs, **kwargs)
+        file_channels = convert.state_dict_in_channels(state_dict)
+        if file_channels is not None and file_channels != channels:
+            raise ValueError(
+                f"its first convolution takes {file_channels}-channel images; the dataset's have {channels}. "
+                "Add --fine-tune to adapt it (and train a new head)"
             )
-        return model
-    return Inception3(outputs, **kwargs, rngs=rngs)
+        model = convert.inception3_from_torch(state_dict, in_channels=channels, **kwargs, rngs=rngs)
+    except (OSError, ValueError) as error:
+        raise RunError(f"--init-from {config.init_from}: {error}") from None
+    if model.num_outputs != outputs:
+        raise RunError(
+            f"--init-from {config.init_from} has {model.num_outputs} outputs; the dataset "
+            f"needs {outputs} ({', '.join(output_names(dataset))}). Add --fine-tune to train a new head"
+        )
+    return model
+
+
+def check_options(config: Config) -> None:
+    """Refuses option combinations that cannot work, before any data is read."""
+    if config.init_from and config.model != "inception3":
+        raise RunError(f"--init-from loads an Inception3; --model is {config.model}")
+    if config.fine_tune and not config.init_from:
+        raise RunError("--fine-tune needs --init-from (the state_dict whose backbone to fine-tune)")
+    if config.freeze_backbone_epochs and not config.fine_tune:
+        raise RunError("--freeze-backbone-epochs needs --fine-tune (a backbone loaded with --init-from)")
+
+
+def is_head(path: tuple) -> bool:
+    """Whether a parameter's pytree path is in Inception3's head: fc or AuxLogits.fc (convert.HEAD_PREFIXES)."""
+    names = [str(getattr(key, "key", key)) for key in path]
+    return names[:1] == ["fc"] or names[:2] == ["AuxLogits", "fc"]
 
 
 def build_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -157,6 +183,13 @@ def build_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTrans
         tx = optax.chain(
             tx, optax.contrib.reduce_on_plateau(factor=0.5, patience=5, accumulation_size=max(1, steps_per_epoch))
         )
+    if config.freeze_backbone_epochs > 0:
+        # The backbone's updates are zeroed for the first epochs (BatchNorm statistics still follow the data,
+        # as in PyTorch with requires_grad=False in train mode); Adam's moments meanwhile warm up.
+        frozen_steps = config.freeze_backbone_epochs * steps_per_epoch
+        hold = optax.scale_by_schedule(lambda count: jnp.where(count < frozen_steps, 0.0, 1.0))
+        backbone = lambda params: jax.tree_util.tree_map_with_path(lambda path, _: not is_head(path), params)  # noqa: E731
+        tx = optax.chain(tx, optax.masked(hold, backbone))
     if config.on_nan == "skip":
         tx = optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
     return tx
@@ -213,6 +246,16 @@ def _lower_train_step(train_step, state: training.TrainState, batch, model: nnx.
         ) from None
 
 
+def _has_checkpoint(workdir: str) -> bool:
+    if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+        return False
+    checkpointer = Checkpointer(workdir, read_only=True)
+    try:
+        return checkpointer.latest_step() is not None
+    finally:
+        checkpointer.close()
+
+
 def _resume(config: Config, checkpointer: Checkpointer, state: training.TrainState):
     """Where training starts: (state, epoch, batch, partial epoch sums, history), from the latest checkpoint
     if the workdir has one (after checking its setup matches), else from the beginning."""
@@ -261,6 +304,7 @@ def train_and_evaluate(config: Config) -> dict:
     Returns {"history": per-epoch metrics, "interrupted": the exit code of a received signal, or None}.
     Raises RunError for problems the user can fix.
     """
+    check_options(config)
     setup_jax(config)
     workdir = config.run_dir
     dataset = load_data(config)
@@ -272,7 +316,11 @@ def train_and_evaluate(config: Config) -> dict:
     pipeline.num_batches(dataset, "validation", config.batch_size, train=False)  # fails now, not after epoch 1
     encoding = dataset.target_encoding(standardize=config.standardize) if dataset.task == "regression" else None
 
-    model = build_model(config, dataset)
+    if config.init_from and _has_checkpoint(workdir):
+        config_for_model = dataclasses.replace(config, init_from=None)  # resuming: the checkpoint has the weights
+    else:
+        config_for_model = config
+    model = build_model(config_for_model, dataset)
     state = training.TrainState.create(model, build_optimizer(config, steps_per_epoch))
     train_step, eval_step = training.make_train_step(loss_fn), training.make_eval_step(loss_fn)
     train_batches = functools.partial(
@@ -416,7 +464,10 @@ def evaluate_run(
     if split not in dataset.splits:
         raise RunError(f"dataset {dataset.name!r} has no split {split!r}; it has {sorted(dataset.splits)}")
     loss_fn = loss_function(config, dataset)
-    template = training.TrainState.create(build_model(config, dataset), build_optimizer(config, 1))
+    # The checkpoint holds every weight: the template needs only the shapes, not --init-from's file.
+    template = training.TrainState.create(
+        build_model(dataclasses.replace(config, init_from=None), dataset), build_optimizer(config, 1)
+    )
     for step in candidates:
         try:
             state, record = checkpointer.restore(template, step)
