@@ -511,6 +511,7 @@ def evaluate_run(
                 true,
                 predictions,
                 list(dataset.target_names),
+                dataset.splits[split].identifiers(),
             )
             report.plot_predictions(os.path.join(workdir, f"predictions_{split}.png"), true, predictions, summary)
         else:
@@ -520,5 +521,6 @@ def evaluate_run(
                 true,
                 predictions.argmax(axis=-1),
                 ["label"],
+                dataset.splits[split].identifiers(),
             )
     return summary

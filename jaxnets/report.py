@@ -9,6 +9,8 @@ import os
 
 import numpy as np
 
+from jaxnets.metrics import circular_difference
+
 
 def format_report(report: dict) -> str:
     """A plain-text table of a regression or classification report."""
@@ -51,38 +53,65 @@ def write_json(path: str, value: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def write_predictions(path: str, index: np.ndarray, true: np.ndarray, predicted: np.ndarray, names: list[str]) -> None:
-    """CSV `index, <name> (true), <name> (predicted), ...`, one row per example."""
+def write_predictions(
+    path: str,
+    index: np.ndarray,
+    true: np.ndarray,
+    predicted: np.ndarray,
+    names: list[str],
+    identifiers: list[str] | None = None,
+) -> None:
+    """CSV `index, [filename,] <name> (true), <name> (predicted), ...`, one row per example; `filename`
+    (identifiers[index]) names the image behind each row when the dataset keeps one."""
     true, predicted = np.atleast_2d(true.T).T, np.atleast_2d(predicted.T).T
     with open(path + ".tmp", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["index"] + [f"{n} ({kind})" for n in names for kind in ("true", "predicted")])
+        named = ["filename"] if identifiers is not None else []
+        writer.writerow(["index", *named] + [f"{n} ({kind})" for n in names for kind in ("true", "predicted")])
         for i in range(len(index)):
+            named = [identifiers[int(index[i])]] if identifiers is not None else []
             writer.writerow(
-                [int(index[i])] + [f"{v:.7g}" for pair in zip(true[i], predicted[i], strict=True) for v in pair]
+                [int(index[i]), *named] + [f"{v:.7g}" for pair in zip(true[i], predicted[i], strict=True) for v in pair]
             )
     os.replace(path + ".tmp", path)
 
 
+def residuals(true: np.ndarray, predicted: np.ndarray, report: dict) -> np.ndarray:
+    """predicted - true per parameter; for an angle the shorter way round its circle."""
+    result = predicted - true
+    for i, p in enumerate(report["parameters"].values()):
+        if "period" in p:
+            result[:, i] = circular_difference(predicted[:, i], true[:, i], p["period"])
+    return result
+
+
 def plot_predictions(path: str, true: np.ndarray, predicted: np.ndarray, report: dict) -> None:
-    """Predicted-vs-true scatter plots, one panel per parameter, with the y = x line and R²."""
+    """Per parameter, side by side: predicted against true (with y = x and R²), and the residual (error)
+    against the true value (with y = 0 and the MAE)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(report["parameters"])
-    columns = min(3, len(names))
-    rows = -(-len(names) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 4 * rows), squeeze=False)
+    errors = residuals(true, predicted, report)
+    pairs = min(2, len(names))  # parameters per row, each a scatter and a residual panel
+    rows = -(-len(names) // pairs)
+    figure, axes = plt.subplots(rows, 2 * pairs, figsize=(7 * pairs, 3.3 * rows), squeeze=False)
     for i, name in enumerate(names):
-        axis = axes[i // columns][i % columns]
-        axis.scatter(true[:, i], predicted[:, i], s=4, alpha=0.5)
+        scatter, residual = axes[i // pairs][2 * (i % pairs)], axes[i // pairs][2 * (i % pairs) + 1]
+        p = report["parameters"][name]
         low, high = float(np.min(true[:, i])), float(np.max(true[:, i]))
-        axis.plot([low, high], [low, high], "k--", linewidth=1)
-        axis.set(title=f"{name}  R² = {report['parameters'][name]['r2']:.3f}", xlabel="true", ylabel="predicted")
-    for j in range(len(names), rows * columns):
-        axes[j // columns][j % columns].axis("off")
+        scatter.scatter(true[:, i], predicted[:, i], s=4, alpha=0.5)
+        scatter.plot([low, high], [low, high], "k--", linewidth=1)
+        scatter.set(title=f"{name}  R² = {p['r2']:.3f}", xlabel="true", ylabel="predicted")
+        residual.scatter(true[:, i], errors[:, i], s=4, alpha=0.5, color="tab:red")
+        residual.axhline(0.0, color="k", linestyle="--", linewidth=1)
+        kind = "circular error" if "period" in p else "error"
+        residual.set(title=f"{name}  MAE = {p['mae']:.3g}", xlabel="true", ylabel=f"{kind} (predicted − true)")
+    for j in range(len(names), rows * pairs):
+        axes[j // pairs][2 * (j % pairs)].axis("off")
+        axes[j // pairs][2 * (j % pairs) + 1].axis("off")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

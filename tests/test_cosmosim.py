@@ -382,9 +382,12 @@ def test_train_and_evaluate_each_file_kind_through_the_cli(cosmosim_output, tmp_
     assert report["parameters"]["theta"]["period"] == 180.0
     (metadata,) = (tmp_path / "tfds").rglob("metadata.json")
     test_rows = json.loads(metadata.read_text())["split_rows"]["test"]  # test example i is this CSV data row
-    params = [float(r["theta"]) for r in read_rows(cosmosim_output / "params.csv")]
+    params = read_rows(cosmosim_output / "params.csv")
     for r in rows:
-        assert float(r["theta (true)"]) == params[test_rows[int(r["index"])]]  # exact: not decoded back
+        row = params[test_rows[int(r["index"])]]
+        assert float(r["theta (true)"]) == float(row["theta"])  # exact: not decoded back
+        assert r["filename"] == row["filename"]  # the image behind the prediction
+    assert (cosmosim_output / "images" / rows[0]["filename"]).is_file()
 
     bad = cosmosim_output.parent / "bad.csv"
     write_rows(

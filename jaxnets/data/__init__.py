@@ -97,6 +97,22 @@ class Examples:
         )
         return [self._convert(int(i), r) for i, r in zip(indices, raw, strict=True)]
 
+    def identifiers(self, key: str = "filename", chunk: int = 256) -> list[str] | None:
+        """Each example's own name in the dataset it came from (`filename` of CosmoSim CSV and simulated
+        data), in split order; None when the stored examples have none (the built-in lens data, TFDS sets)."""
+        if len(self) == 0 or key not in self.source[self._source_index(0)]:
+            return None
+        names = []
+        for start in range(0, len(self), chunk):
+            indices = [self._source_index(i) for i in range(start, min(start + chunk, len(self)))]
+            raw = (
+                self.source.__getitems__(indices)
+                if hasattr(self.source, "__getitems__")
+                else [self.source[i] for i in indices]
+            )
+            names += [r[key].decode() if isinstance(r[key], bytes) else str(r[key]) for r in raw]
+        return names
+
     def targets(self, chunk: int = 256) -> np.ndarray:
         """All regression targets of the split: float32 [N, P]."""
         if self.target_key is None:
