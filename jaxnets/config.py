@@ -115,8 +115,10 @@ class Config:
     weight_decay: float = _option(0.0, "decoupled weight decay (AdamW) when > 0")
     schedule: str = _option(
         "constant",
-        "learning-rate schedule; plateau halves it after 5 epochs without improvement",
-        ("constant", "cosine", "plateau"),
+        "learning-rate schedule: constant (the lecture's); cosine decays it to 0 at the last step; warmup_cosine "
+        "rises linearly from 0 over the first 5%% of the steps, then decays as cosine; plateau halves it after 5 "
+        "epochs without improvement",
+        ("constant", "cosine", "warmup_cosine", "plateau"),
     )
     epochs: int = _option(3, "number of passes over the training split")
     batch_size: int = _option(32, "global batch size (split over all devices)", resume=True)

@@ -168,10 +168,17 @@ def is_head(path: tuple) -> bool:
     return names[:1] == ["fc"] or names[:2] == ["AuxLogits", "fc"]
 
 
+WARMUP_FRACTION = 0.05  # --schedule warmup_cosine: the share of the steps over which the rate rises from 0
+
+
 def build_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
     """Adam (AdamW with --weight-decay) with the chosen learning-rate schedule."""
+    total_steps = max(1, config.epochs * steps_per_epoch)
     if config.schedule == "cosine":
-        learning_rate = optax.cosine_decay_schedule(config.lr, max(1, config.epochs * steps_per_epoch))
+        learning_rate = optax.cosine_decay_schedule(config.lr, total_steps)
+    elif config.schedule == "warmup_cosine":
+        warmup = max(1, round(WARMUP_FRACTION * total_steps))
+        learning_rate = optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup, max(total_steps, warmup + 1))
     else:
         learning_rate = config.lr
     if config.weight_decay > 0:

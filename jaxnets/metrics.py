@@ -46,12 +46,32 @@ def regression_report(
         }
         if periods[i] is not None:
             parameters[name]["period"] = float(periods[i])
+            if "sigma" in names and "sigma2" in names:
+                parameters[name]["elongated"] = _elongated(true, error[:, i], list(names))
     return {
         "task": "regression",
         "count": int(true.shape[0]),
         "parameters": parameters,
         "mse": float(np.mean(np.square(error))),
         "mae": float(np.mean(np.abs(error))),
+    }
+
+
+# A source's orientation is invisible when it is round: angle errors are also reported over the sources whose
+# axis ratio (minor over major of sigma and sigma2) is at most this.
+ELONGATED_AXIS_RATIO = 0.8
+
+
+def _elongated(true: np.ndarray, error: np.ndarray, names: list[str]) -> dict:
+    """An angle's MAE and RMSE over the elongated sources only (axis ratio <= ELONGATED_AXIS_RATIO)."""
+    sigma, sigma2 = np.abs(true[:, names.index("sigma")]), np.abs(true[:, names.index("sigma2")])
+    ratio = np.minimum(sigma, sigma2) / np.maximum(np.maximum(sigma, sigma2), 1e-12)
+    chosen = error[ratio <= ELONGATED_AXIS_RATIO]
+    return {
+        "axis_ratio_max": ELONGATED_AXIS_RATIO,
+        "count": int(chosen.size),
+        "mae": float(np.mean(np.abs(chosen))) if chosen.size else float("nan"),
+        "rmse": float(np.sqrt(np.mean(np.square(chosen)))) if chosen.size else float("nan"),
     }
 
 

@@ -27,6 +27,13 @@ def format_report(report: dict) -> str:
         angles = [f"{name} (period {p['period']:g})" for name, p in report["parameters"].items() if "period" in p]
         if angles:
             lines.append(f"* angle, errors the shorter way round the circle: {', '.join(angles)}")
+        for name, p in report["parameters"].items():
+            if "elongated" in p:
+                e = p["elongated"]
+                lines.append(
+                    f"{name} over the {e['count']} elongated sources (axis ratio sigma2/sigma <= "
+                    f"{e['axis_ratio_max']:g}): MAE {e['mae']:.4g}, RMSE {e['rmse']:.4g}"
+                )
         lines.append(f"overall MSE {report['mse']:.6g}   MAE {report['mae']:.6g}")
     else:
         lines.append(f"accuracy {report['accuracy']:.4f}")

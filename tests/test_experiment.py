@@ -144,6 +144,15 @@ def test_cosine_schedule_decays_the_learning_rate_to_zero_at_the_last_step(tmp_p
     assert constant == pytest.approx([0.01] * 11, rel=1e-3)
 
 
+def test_warmup_cosine_rises_from_zero_over_five_percent_of_the_steps_then_decays(tmp_path):
+    config = tiny_config(tmp_path, schedule="warmup_cosine", lr=0.01, epochs=4)
+    seen = [float(-u[0]) for u in updates(experiment.build_optimizer(config, steps_per_epoch=25), 101)]
+    assert seen[0] == 0.0 and seen[2] == pytest.approx(0.004, rel=1e-3)  # 5 warm-up steps of 100
+    assert seen[5] == pytest.approx(0.01, rel=1e-3) and max(seen) == pytest.approx(0.01, rel=1e-3)
+    assert seen[5 + 95 // 2] == pytest.approx(0.005, rel=0.02)  # halfway through the decay
+    assert seen[100] == pytest.approx(0.0, abs=1e-9)
+
+
 def test_plateau_halves_the_learning_rate_after_patience_flat_epochs(tmp_path):
     tx = experiment.build_optimizer(tiny_config(tmp_path, schedule="plateau", lr=0.01), steps_per_epoch=2)
     seen = [float(-u[0]) for u in updates(tx, 20, values=[1.0] * 20)]  # a loss that never improves

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from jaxnets import metrics
+from jaxnets.report import format_report
 
 
 def test_regression_report_closed_form():
@@ -34,3 +35,24 @@ def test_classification_report():
 def test_shape_errors_name_the_shapes():
     with pytest.raises(ValueError, match=r"\[examples, 2\].*\(3, 2\).*\(3, 1\)"):
         metrics.regression_report(np.zeros((3, 2)), np.zeros((3, 1)), ["a", "b"])
+
+
+def test_an_angle_is_also_judged_over_the_elongated_sources_only():
+    # sigma2/sigma: 0.5 and 0.8 are elongated, 0.9 is not; the angle errors there are 10, 20 and 90 degrees.
+    true = np.array([[2.0, 1.0, 0.0], [1.0, 0.8, 90.0], [1.0, 0.9, 45.0]])
+    predicted = true + np.array([[0.0, 0.0, 10.0], [0.0, 0.0, -20.0], [0.0, 0.0, 90.0]])
+    report = metrics.regression_report(true, predicted, ["sigma", "sigma2", "theta"], periods=(None, None, 180.0))
+    assert report["parameters"]["theta"]["elongated"] == {
+        "axis_ratio_max": 0.8,
+        "count": 2,
+        "mae": 15.0,
+        "rmse": pytest.approx(np.sqrt(250.0)),
+    }
+    assert report["parameters"]["theta"]["mae"] == pytest.approx(40.0)
+    assert "theta over the 2 elongated sources (axis ratio sigma2/sigma <= 0.8): MAE 15" in format_report(report)
+    assert (
+        "elongated"
+        not in metrics.regression_report(true, predicted, ["a", "b", "theta"], periods=(None, None, 180.0))[
+            "parameters"
+        ]["theta"]
+    )
