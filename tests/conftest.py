@@ -23,6 +23,10 @@ TINY = dict(
     batch_size=16,
     epochs=2,
     compilation_cache="",
+    # The lecture's optimiser and precision: the tests' expectations (exact losses, NaN steps) assume them.
+    schedule="constant",
+    lr=1e-3,
+    precision="f32",
 )
 
 # A small CosmoSim 3.3 dataset TOML (SIE/SIS/point-mass lenses, an elliptical Sersic source, nterms 3) for the

@@ -1,0 +1,148 @@
+"""The CosmoAI group's 2026 problems, simulated with CosmoSim and trained with jaxnets' default recipe.
+
+The group publishes its experiments in CosmoAI-AES/experiment2026july: SIE/, cluster2SIE/ and cluster4SIS/,
+each a CosmoSim distribution (copied into bench/problems/<name>.toml), a problem (targets: five parameters plus
+the nterms-4 roulette amplitudes; 10,000 / 1,000 / 4,000 images) and their result: an ImageNet-pretrained
+regnet_y_32gf (Adam 1e-3, batch 32, weight decay 1e-4, 256 px) reaching the best validation R² below (the uniform
+mean over all targets, `valid_r2` in their training_log.csv).
+
+For each problem this runs `python train.py --simulate bench/problems/<name>.toml` (CosmoSim draws the images
+at 512 px, crops 256 and centres; --image-size resizes them) with the problem's targets, then `evaluate.py` on
+the validation and test splits, and prints per target R² (circular for angles) and MAE, the uniform mean as
+they compute it, the mean over the identifiable parameters and the mean over the amplitudes, beside their
+figure. A Sersic-sphere source has no sigma2 or theta to see: those are reported, flagged, and kept out of
+the means over identifiable parameters (they stay in the uniform mean, as in theirs).
+
+    python bench/cosmosim_problems.py --problems sie --image-size 128 --num-train 3000 --epochs 8     # CPU
+    python bench/cosmosim_problems.py --image-size 256 --num-train 10000 --num-validation 1000 \\
+        --num-test 4000 --epochs 30                                                                  # GPU
+
+Extra train.py options go after `--`: `... -- --precision bf16`.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AMPLITUDES = "alpha[*][*],beta[*][*]"
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    toml: str  # under bench/problems
+    parameters: tuple[str, ...]  # the problem's `variables`; the amplitudes are added
+    not_identifiable: dict[str, str]  # parameter -> why the image cannot show it
+    their_best: float  # best validation R² (uniform mean) in their training_log.csv
+    their_epoch: int  # the epoch it was reached
+    their_epochs: int  # the epochs they ran
+
+
+SPHERE = "a Sersic-sphere source is round: it has no second axis or orientation"
+PROBLEMS = {
+    "sie": Problem(
+        "sie.toml", ("sigma", "sigma2", "theta", "xiX", "xiY"), {"sigma2": SPHERE, "theta": SPHERE}, 0.0508, 12, 12
+    ),
+    "cluster2": Problem("cluster2.toml", ("sigma", "luminosity", "n_sersic", "xiX", "xiY"), {}, 0.1785, 24, 34),
+    "cluster4": Problem("cluster4.toml", ("sigma", "luminosity", "n_sersic", "xiX", "xiY"), {}, 0.4562, 29, 39),
+}
+
+
+def run(script: str, *args: str) -> float:
+    """Runs train.py or evaluate.py, echoing its output; returns its wall-clock seconds."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, os.path.join(ROOT, script), *args], check=True, cwd=ROOT)
+    return time.perf_counter() - start
+
+
+def summarize(report: dict, problem: Problem) -> dict:
+    """The three means of a report's per-target R²: uniform (all targets), identifiable parameters, amplitudes."""
+    r2 = {name: p["r2"] for name, p in report["parameters"].items()}
+    identifiable = [r2[n] for n in problem.parameters if n in r2 and n not in problem.not_identifiable]
+    amplitudes = [value for name, value in r2.items() if name.startswith(("alpha[", "beta["))]
+    mean = lambda values: sum(values) / len(values) if values else float("nan")  # noqa: E731
+    return {"uniform": mean(list(r2.values())), "identifiable": mean(identifiable), "amplitudes": mean(amplitudes)}
+
+
+def table(name: str, problem: Problem, reports: dict[str, dict]) -> str:
+    test, validation = reports["test"], reports["validation"]
+    lines = [
+        f"### {name} ({problem.toml})",
+        "",
+        "| target | test R² | test MAE | validation R² | note |",
+        "|---|---|---|---|---|",
+    ]
+    for target, p in test["parameters"].items():
+        note = "angle (circular)" if "period" in p else ""
+        if target in problem.not_identifiable:
+            note = f"not identifiable: {problem.not_identifiable[target]}"
+        v = validation["parameters"][target]["r2"]
+        lines.append(f"| {target} | {p['r2']:.3f} | {p['mae']:.4g} | {v:.3f} | {note} |")
+    ours_test, ours_validation = summarize(test, problem), summarize(validation, problem)
+    lines += [
+        "",
+        "| mean R² | test | validation | theirs (best validation) |",
+        "|---|---|---|---|",
+        f"| uniform, all {len(test['parameters'])} targets | {ours_test['uniform']:.3f} | "
+        f"{ours_validation['uniform']:.3f} | {problem.their_best:.3f} (epoch {problem.their_epoch} of "
+        f"{problem.their_epochs}) |",
+        f"| identifiable parameters | {ours_test['identifiable']:.3f} | {ours_validation['identifiable']:.3f} | – |",
+        f"| amplitudes | {ours_test['amplitudes']:.3f} | {ours_validation['amplitudes']:.3f} | – |",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problems", default=",".join(PROBLEMS), help=f"comma-separated, of {', '.join(PROBLEMS)}")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--num-train", type=int, default=3000)
+    parser.add_argument("--num-validation", type=int, default=500)
+    parser.add_argument("--num-test", type=int, default=1000)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--runs", default="runs/bench", help="workdirs go to <runs>/<problem>")
+    parser.add_argument("--data-dir", default=None, help="TFDS folder (the simulation is cached there)")
+    parser.add_argument("--out", default="bench/cosmosim_problems.json")
+    args, extra = parser.parse_known_args()
+    extra = [a for a in extra if a != "--"]
+
+    results = {}
+    for name in args.problems.split(","):
+        problem = PROBLEMS[name]
+        workdir = os.path.join(args.runs, name)
+        options = [
+            "--simulate", os.path.join("bench", "problems", problem.toml),
+            "--targets", ",".join(problem.parameters) + "," + AMPLITUDES,
+            "--image-size", str(args.image_size),
+            "--num-train", str(args.num_train),
+            "--num-validation", str(args.num_validation),
+            "--num-test", str(args.num_test),
+            "--epochs", str(args.epochs),
+            "--workdir", workdir,
+        ]  # fmt: skip
+        if args.data_dir:
+            options += ["--data-dir", args.data_dir]
+        seconds = {"train": run("train.py", *options, *extra)}
+        reports = {}
+        for split in ("validation", "test"):
+            seconds[f"evaluate {split}"] = run("evaluate.py", "--workdir", workdir, "--split", split)
+            with open(os.path.join(workdir, f"eval_{split}.json")) as f:
+                reports[split] = json.load(f)
+        results[name] = {
+            "seconds": seconds,
+            "summary": {split: summarize(report, problem) for split, report in reports.items()},
+            "reports": reports,
+            "settings": {**vars(args), "extra": extra},
+        }
+        print(table(name, problem, reports), flush=True)
+        print(f"wall clock: {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}\n", flush=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
