@@ -382,22 +382,3 @@ def test_batchnorm_tracing_never_probes_tracer_sharding(monkeypatch):
     outputs, new_state = jax.jit(train_mode)(state, jnp.ones((2, 3, 3, 4)))
     assert probes == []
     assert int(new_state["num_batches_tracked"][...]) == 1
-
-
-@pytest.mark.parametrize("pool", [None, avg_pool_3x3_same], ids=["plain", "pooled branch"])
-def test_eval_batchnorm_folded_into_the_convolution_is_the_same_function(pool):
-    layer = BasicConv2d(5, 7, 3, padding=1, rngs=nnx.Rngs(0))
-    rng = np.random.default_rng(0)
-    for variable, low, high in [(layer.bn.mean, -0.5, 0.5), (layer.bn.var, 0.5, 2.0), (layer.bn.scale, 0.5, 1.5)]:
-        variable.set_value(jnp.asarray(rng.uniform(low, high, 7), jnp.float32))
-    layer.bn.bias.set_value(jnp.asarray(rng.uniform(-0.2, 0.2, 7), jnp.float32))
-    layer.eval()
-    x = jnp.asarray(rng.normal(size=(2, 9, 9, 5)), jnp.float32)
-    same = pool or (lambda y: y)
-    unfolded = nnx.relu(layer.bn(same(layer.conv(x))))  # conv, [pool,] BatchNorm with running statistics, ReLU
-    np.testing.assert_allclose(layer(x, pool=pool), unfolded, rtol=1e-5, atol=1e-6)
-    # Folded, the activations see the convolution, the bias and the ReLU only: no BatchNorm arithmetic.
-    jaxpr = jax.make_jaxpr(lambda x: layer(x, pool=pool))(x).jaxpr
-    on_activations = {e.primitive.name for e in jaxpr.eqns if e.outvars[0].aval.shape == (2, 9, 9, 7)}
-    batchnorm = {"mul", "sub", "rsqrt"} | ({"div"} if pool is None else set())  # the average pool divides by 9
-    assert not on_activations & batchnorm, on_activations

@@ -36,7 +36,7 @@ def _pooled_branch(branch_pool: BasicConv2d, x: jax.Array) -> jax.Array:
     different axes, so they commute: pooling the convolution's 32-192 output channels instead of its 192-2048 input
     channels is the same function at a 4-10x smaller pooling cost.
     """
-    return branch_pool(x, pool=avg_pool_3x3_same)
+    return branch_pool.activate(avg_pool_3x3_same(branch_pool.conv(x)))
 
 
 class InceptionA(nnx.Module):

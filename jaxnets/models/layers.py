@@ -4,7 +4,7 @@ and the pools Inception3 uses, all on images [batch, height, width, channels] (N
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -138,26 +138,12 @@ class BasicConv2d(nnx.Module):
         )
         self.bn = BatchNorm2d(out_channels, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, pool: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
-        """relu(bn(conv(x))); pool, a linear map such as an average pool, goes between the convolution and
-        BatchNorm when given. In eval mode BatchNorm is folded into the convolution's weights (folded()): the
-        convolution and a bias is all the layer costs."""
-        pool = pool or (lambda y: y)
-        if not self.bn.use_running_average:
-            return nnx.relu(self.bn(pool(self.conv(x))))
-        kernel, bias = self.folded()
-        conv = self.conv
-        return nnx.relu(pool(conv2d(x.astype(conv.dtype), kernel, conv.stride, conv.padding)) + bias)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.activate(self.conv(x))
 
-    def folded(self) -> tuple[jax.Array, jax.Array]:
-        """Eval-mode BatchNorm, gamma (y - mean) / sqrt(var + eps) + beta, moved into the convolution: the kernel
-        times s = gamma / sqrt(var + eps) per output channel, and the bias beta - mean * s (in the layer's dtype;
-        s is computed in float32)."""
-        bn, conv = self.bn, self.conv
-        s = lax.rsqrt(bn.var.get_value() + bn.epsilon) * bn.scale.get_value()
-        kernel = (conv.kernel[...] * s).astype(conv.dtype)
-        bias = (bn.bias.get_value() - bn.mean.get_value() * s).astype(conv.dtype)
-        return kernel, bias
+    def activate(self, convolved: jax.Array) -> jax.Array:
+        """BatchNorm and ReLU of this layer's convolution output."""
+        return nnx.relu(self.bn(convolved))
 
 
 def avg_pool_3x3_same(x: jax.Array) -> jax.Array:
