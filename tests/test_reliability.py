@@ -3,6 +3,7 @@
 Most cases run the real train.py / evaluate.py in a subprocess and check the exit code and message.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -195,17 +196,17 @@ def test_bad_training_input_is_refused_before_anything_is_written(tmp_path, data
     assert not (workdir / "config.json").exists()
 
 
-@pytest.mark.slow
 def test_init_from_a_file_that_is_not_an_inception3_state_dict(tmp_path, data_dir, torch):
+    # The CLI's exit 2 and empty workdir for --init-from refusals: tests/test_fine_tune.py.
     not_a_state_dict = tmp_path / "list.pt"
     torch.save([1, 2, 3], not_a_state_dict)
     other = tmp_path / "linear.pt"
     torch.save(torch.nn.Linear(3, 2).state_dict(), other)
-    base = {**TINY, "model": "inception3", "image_size": 80}
-    for path, message in ((not_a_state_dict, "state_dict"), (other, "weight")):
-        result = run_script("train.py", *cli_args(**base, init_from=path, workdir=tmp_path / "run", data_dir=data_dir))
-        assert result.returncode == 2, result.stderr[-2000:]
-        assert message in result.stderr and "Traceback" not in result.stderr
+    config = Config(**{**TINY, "model": "inception3", "image_size": 80}, data_dir=data_dir)
+    dataset = experiment.load_data(config)
+    for path, message in ((not_a_state_dict, "holds no state_dict"), (other, "not an Inception3 state_dict")):
+        with pytest.raises(experiment.RunError, match=f"--init-from {path}: .*{message}"):
+            experiment.build_model(dataclasses.replace(config, init_from=str(path)), dataset)
 
 
 def damage(workdir, step):
