@@ -46,27 +46,8 @@ def inception3_from_torch(state_dict: Mapping[str, Any], **model_kwargs: Any) ->
     model = nnx.eval_shape(lambda: Inception3(**kwargs, rngs=nnx.Rngs(0)))
     variables = _torch_named_variables(model)
 
-    unknown = sorted(set(arrays) - set(variables))
-    missing = [name for name in variables if name not in arrays and not name.endswith(_OPTIONAL)]
-    misshaped = [
-        f"{name}: {arrays[name].shape}, expected {_torch_shape(variable)}"
-        for name, variable in variables.items()
-        if name in arrays and arrays[name].shape != _torch_shape(variable)
-    ]
-    if unknown or missing or misshaped:
-        problems = [
-            f"{title} ({len(names)}): " + ", ".join(names)
-            for title, names in [("unknown keys", unknown), ("missing keys", missing), ("mis-shaped", misshaped)]
-            if names
-        ]
-        raise ValueError(f"state_dict does not fit Inception3({_describe(kwargs)}):\n  " + "\n  ".join(problems))
-
-    for name, variable in variables.items():
-        shape, dtype = variable.get_value().shape, variable.get_value().dtype
-        value = _from_torch_layout(arrays[name]) if name in arrays else np.zeros(shape)
-        # jnp.array copies: on CPU jnp.asarray may alias the host buffer, which torch (running statistics) or
-        # the caller may later change in place.
-        variable.set_value(jnp.array(value, dtype))
+    _check_fit(arrays, variables, f"state_dict does not fit Inception3({_describe(kwargs)})", unknown=True)
+    _copy_into(variables, arrays)
     # eval_shape left the dropout stream abstract too: give it a real key.
     nnx.reseed(model, default=rngs.dropout() if rngs is not None else 0)
     return model
@@ -96,23 +77,37 @@ def inception3_for_fine_tuning(
     backbone = {
         name: variable for name, variable in _torch_named_variables(model).items() if not name.startswith(HEAD_PREFIXES)
     }
-    missing = [name for name in backbone if name not in arrays and not name.endswith(_OPTIONAL)]
+    _check_fit(arrays, backbone, "state_dict has no Inception3 backbone to fine-tune", unknown=False)
+    _copy_into(backbone, arrays)
+    return model
+
+
+def _check_fit(arrays: Mapping[str, np.ndarray], variables: Mapping[str, nnx.Variable], title: str, *, unknown: bool):
+    """Raises ValueError titled `title` listing every missing, mis-shaped (and, if `unknown`, unused) key."""
+    extra = sorted(set(arrays) - set(variables)) if unknown else []
+    missing = [name for name in variables if name not in arrays and not name.endswith(_OPTIONAL)]
     misshaped = [
         f"{name}: {arrays[name].shape}, expected {_torch_shape(variable)}"
-        for name, variable in backbone.items()
+        for name, variable in variables.items()
         if name in arrays and arrays[name].shape != _torch_shape(variable)
     ]
-    if missing or misshaped:
-        problems = [
-            f"{title} ({len(names)}): " + ", ".join(names)
-            for title, names in [("missing keys", missing), ("mis-shaped", misshaped)]
-            if names
-        ]
-        raise ValueError("state_dict has no Inception3 backbone to fine-tune:\n  " + "\n  ".join(problems))
-    for name, variable in backbone.items():
-        if name in arrays:
-            variable.set_value(jnp.array(_from_torch_layout(arrays[name]), variable.get_value().dtype))
-    return model
+    problems = [
+        f"{kind} ({len(names)}): " + ", ".join(names)
+        for kind, names in [("unknown keys", extra), ("missing keys", missing), ("mis-shaped", misshaped)]
+        if names
+    ]
+    if problems:
+        raise ValueError(f"{title}:\n  " + "\n  ".join(problems))
+
+
+def _copy_into(variables: Mapping[str, nnx.Variable], arrays: Mapping[str, np.ndarray]) -> None:
+    """Sets each variable from its torch-layout array (zeros for an absent optional one, num_batches_tracked)."""
+    for name, variable in variables.items():
+        shape, dtype = variable.get_value().shape, variable.get_value().dtype
+        value = _from_torch_layout(arrays[name]) if name in arrays else np.zeros(shape)
+        # jnp.array copies: on CPU jnp.asarray may alias the host buffer, which torch (running statistics) or
+        # the caller may later change in place.
+        variable.set_value(jnp.array(value, dtype))
 
 
 def adapt_input_conv(weight: np.ndarray, in_channels: int) -> np.ndarray:

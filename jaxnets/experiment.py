@@ -163,9 +163,10 @@ def check_options(config: Config) -> None:
 
 
 def is_head(path: tuple) -> bool:
-    """Whether a parameter's pytree path is in Inception3's head: fc or AuxLogits.fc (convert.HEAD_PREFIXES)."""
-    names = [str(getattr(key, "key", key)) for key in path]
-    return names[:1] == ["fc"] or names[:2] == ["AuxLogits", "fc"]
+    """Whether a parameter's pytree path is in Inception3's head (convert.HEAD_PREFIXES: fc, AuxLogits.fc)."""
+    from jaxnets.convert import HEAD_PREFIXES
+
+    return ".".join(str(getattr(key, "key", key)) for key in path).startswith(HEAD_PREFIXES)
 
 
 WARMUP_FRACTION = 0.05  # --schedule warmup_cosine: the share of the steps over which the rate rises from 0
