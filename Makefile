@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Test processes: most tests wait on single-threaded XLA compilation, so two workers use a 2-core machine fully.
+TEST_WORKERS ?= 2
 
 .PHONY: train test bench clean
 
@@ -23,7 +25,7 @@ train: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/compare_torch.py

@@ -200,8 +200,16 @@ class MetricWriter:
 
 
 def _tensorboard(workdir: str):
+    # tensorboardX imports torch, when installed, only to recognise its tensors (3.4 s of a run's start here);
+    # we log floats, so it is imported with torch hidden, unless torch is loaded already (--init-from a .pth).
+    hide_torch = "torch" not in sys.modules
+    if hide_torch:
+        sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
     try:
         from tensorboardX import SummaryWriter
     except ImportError:
         return None
+    finally:
+        if hide_torch:
+            del sys.modules["torch"]
     return SummaryWriter(os.path.join(workdir, "tensorboard"))

@@ -4,6 +4,8 @@ import csv
 import dataclasses
 import json
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -249,6 +251,22 @@ def test_tensorboard_events_and_the_loss_curve_are_written(tmp_path):
     content = events.read_bytes()
     assert b"loss/train" in content and b"loss/validation" in content
     assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 1000
+
+
+def test_the_tensorboard_writer_leaves_torch_unloaded_and_importable(tmp_path):
+    pytest.importorskip("tensorboardX")
+    pytest.importorskip("torch")
+    # In a fresh interpreter: tensorboardX would import torch (seconds of every run's start) to recognise tensors.
+    code = (
+        "import sys; from jaxnets import monitor; writer = monitor._tensorboard(sys.argv[1]); "
+        "writer.add_scalar('loss/train', 0.5, 1); writer.close(); loaded = 'torch' in sys.modules; "
+        "import torch; print(loaded, torch.ones(2).sum().item())"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["False", "2.0"]  # not loaded by the writer; importable afterwards
+    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    assert b"loss/train" in events.read_bytes()
 
 
 @pytest.mark.parametrize("bad, stops_after", [(7, 20), (27, 30)])

@@ -11,7 +11,13 @@ from flax import nnx
 
 from jaxnets.convert import export_to_torch_state_dict, inception3_from_torch
 from jaxnets.models.inception import Inception3, _linear_head, _pooled_branch, _transform_input
-from jaxnets.models.layers import BasicConv2d, BatchNorm2d, avg_pool_3x3_same, max_pool_3x3_stride_2
+from jaxnets.models.layers import (
+    BasicConv2d,
+    BatchNorm2d,
+    avg_pool_3x3_same,
+    max_pool_3x3_stride_2,
+    torch_truncated_normal,
+)
 
 forward = nnx.jit(lambda model, images: model(images))
 
@@ -251,6 +257,30 @@ def test_initialisation_follows_torchvision():
     np.testing.assert_array_equal(bn.mean[...], 0.0)
     np.testing.assert_array_equal(bn.var[...], 1.0)
     assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}
+
+
+def test_truncated_normal_init_is_the_same_eagerly_and_traced_and_compiles_once_per_size_class():
+    init = torch_truncated_normal(0.1)
+    key = jax.random.key(3)
+    shapes = [(3, 3, 32, 64), (1, 7, 160, 160), (5, 5, 48, 64), (1, 1, 2048, 1)]
+    compiled = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        eager = [init(jax.random.fold_in(key, i), shape) for i, shape in enumerate(shapes)]
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    traced = jax.jit(lambda k: [init(jax.random.fold_in(k, i), shape) for i, shape in enumerate(shapes)])(key)
+    for a, b, shape in zip(eager, traced, shapes, strict=True):
+        assert a.shape == shape and a.dtype == jnp.float32
+        np.testing.assert_array_equal(a, b)
+    # 18,432, 179,200, 76,800 and 2,048 draws: four power-of-two size classes, one sampler each, and fold_in with
+    # its index conversion; nothing per kernel shape (jnp's cut, reshape and scale compiled 3 programs per shape: 17).
+    assert len(compiled) <= 4 + 2
 
 
 def test_plain_fc_uses_torchvision_init():
