@@ -48,8 +48,10 @@ class TrainState:
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         # Extra-args support lets schedules such as reduce_on_plateau receive the loss (value=...).
         tx = optax.with_extra_args_support(tx)
+        # Jitted: eagerly, every zeros_like compiles once per parameter shape (2.4 s for Inception3's Adam; 0.9 s).
+        opt_state = jax.jit(tx.init)(params)
         return cls(
-            graphdef=graphdef, tx=tx, params=params, rest=rest, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32)
+            graphdef=graphdef, tx=tx, params=params, rest=rest, opt_state=opt_state, step=jnp.zeros((), jnp.int32)
         )
 
     def model(self, *, train: bool = False) -> nnx.Module:
