@@ -24,6 +24,7 @@ from flax import nnx
 
 from jaxnets import conv as jaxnets_conv
 from jaxnets.models import Inception3
+from jaxnets.models import layers as model_layers
 
 Shape = tuple[tuple[int, ...], tuple[int, ...], tuple[int, int], tuple[tuple[int, int], tuple[int, int]]]
 
@@ -40,11 +41,13 @@ def inception_conv_shapes(batch: int, size: int, channels: int) -> collections.C
 
     model = Inception3(4, in_channels=channels, rngs=nnx.Rngs(0))
     model.eval()
-    jaxnets_conv.conv2d = record
+    model_layers.conv2d = record  # Conv2d calls the name it imported from jaxnets.conv
     try:
         jax.eval_shape(lambda x: model(x), jax.ShapeDtypeStruct((batch, size, size, channels), jnp.float32))
     finally:
-        jaxnets_conv.conv2d = original
+        model_layers.conv2d = original
+    if not seen:
+        raise RuntimeError("no convolution recorded: Inception3 no longer calls jaxnets.models.layers.conv2d")
     return seen
 
 
