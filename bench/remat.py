@@ -1,0 +1,102 @@
+"""Rematerialisation in Inception3's train step: memory saved against time lost (the performance issue's lever 4).
+
+Three variants of `training.make_train_step`'s loss, compiled in one process: as it is; `jax.checkpoint` over the
+model with only the convolutions' outputs saved (BatchNorm and ReLU recomputed in the backward pass); and with
+nothing saved but the block inputs (`nothing_saveable`, the lower bound). Memory is XLA's buffer assignment
+(`compiled.memory_analysis()`, deterministic); time is per step, the variants alternating, medians of --rounds.
+
+    python bench/remat.py --precision f32        # b32 1x128x128, Adam, MSE
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxnets import losses, training
+from jaxnets.models import Inception3, layers
+
+CONV_OUTPUT = "conv_output"
+
+
+def make_step(policy):
+    """training.make_train_step's step with the model call under jax.checkpoint(policy); None: unchanged."""
+
+    def train_step(state, batch):
+        def compute_loss(params):
+            def forward(params, rest, images):
+                model = nnx.merge(state.graphdef, params, rest, copy=True)
+                model.train()
+                return model(images), nnx.state(model, nnx.Not(nnx.Param))
+
+            if policy is not None:
+                forward = jax.checkpoint(forward, policy=policy)
+            outputs, rest = forward(params, state.rest, batch["image"])
+            loss = losses.mse(outputs.astype(jnp.float32), batch["target"], batch["mask"])
+            return loss, rest
+
+        (loss, rest), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params, value=loss)
+        params = optax.apply_updates(state.params, updates)
+        return state.replace(params=params, rest=rest, opt_state=opt_state, step=state.step + 1), loss
+
+    return jax.jit(train_step, donate_argnums=(0,))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--precision", default="f32", choices=("f32", "bf16"))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="steps per timed block")
+    args = parser.parse_args()
+
+    # Name every convolution's output so a policy can keep exactly those.
+    call = layers.Conv2d.__call__
+    layers.Conv2d.__call__ = lambda self, x: checkpoint_name(call(self, x), CONV_OUTPUT)
+
+    dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
+    model = Inception3(6, in_channels=1, aux_logits=False, dtype=dtype, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": jnp.asarray(rng.random((args.batch, args.size, args.size, 1), np.float32)),
+        "target": jnp.asarray(rng.normal(size=(args.batch, 6)).astype(np.float32)),
+        "mask": jnp.ones(args.batch, jnp.float32),
+    }
+    variants = {
+        "as is": None,
+        "save convolution outputs": jax.checkpoint_policies.save_only_these_names(CONV_OUTPUT),
+        "save nothing": jax.checkpoint_policies.nothing_saveable,
+    }
+    base = training.TrainState.create(model, optax.adam(1e-3))
+    states, compiled, result = {}, {}, {"precision": args.precision, "batch": args.batch, "size": args.size}
+    for name, policy in variants.items():
+        states[name] = jax.tree.map(jnp.copy, base)  # each its own buffers: the steps donate them
+        compiled[name] = make_step(policy).lower(states[name], batch).compile()
+        memory = compiled[name].memory_analysis()
+        result[f"{name}: temp MiB"] = round(memory.temp_size_in_bytes / 2**20, 1)
+        states[name], loss = compiled[name](states[name], batch)  # warm-up
+        result[f"{name}: first loss"] = float(loss)
+    times = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name in variants:
+            started = time.perf_counter()
+            for _ in range(args.steps):
+                states[name], loss = compiled[name](states[name], batch)
+            jax.block_until_ready(loss)
+            times[name].append((time.perf_counter() - started) / args.steps)
+    for name in variants:
+        result[f"{name}: s/step"] = round(statistics.median(times[name]), 4)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
