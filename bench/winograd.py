@@ -65,7 +65,7 @@ def _output_transform(m: jax.Array, n: int, tiles_h: int, tiles_w: int) -> jax.A
 @jax.custom_vjp
 def _products(v: jax.Array, u: jax.Array) -> jax.Array:
     """[16, P, C] @ [16, C, K] -> [16, P, K], 16-bit inputs summed in float32, in the inputs' dtype."""
-    accumulate = jnp.float32 if v.dtype.itemsize < 4 else None
+    accumulate = jaxnets_conv._accumulation_dtype(v.dtype)
     out = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), preferred_element_type=accumulate)
     return out.astype(v.dtype)
 
@@ -76,7 +76,7 @@ def _products_forward(v, u):
 
 def _products_backward(residuals, grad):
     v, u = residuals
-    accumulate = jnp.float32 if v.dtype.itemsize < 4 else None
+    accumulate = jaxnets_conv._accumulation_dtype(v.dtype)
     dv = jax.lax.dot_general(grad, u, (((2,), (2,)), ((0,), (0,))), preferred_element_type=accumulate)
     du = jax.lax.dot_general(v, grad, (((1,), (1,)), ((0,), (0,))), preferred_element_type=accumulate)
     return dv.astype(v.dtype), du.astype(u.dtype)

@@ -20,8 +20,8 @@ from absl import logging as absl_logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from jaxnets import convert, host_memory, losses, metrics, monitor, report, training
 from jaxnets import data as data_lib
-from jaxnets import host_memory, losses, metrics, monitor, report, training
 from jaxnets.checkpoint import CHECKPOINT_DIR, Checkpointer
 from jaxnets.config import Config, format_value
 from jaxnets.data import pipeline
@@ -128,8 +128,6 @@ def build_model(config: Config, dataset: data_lib.Dataset) -> nnx.Module:
 
 def _from_torch(config: Config, dataset: data_lib.Dataset, kwargs: dict, rngs: nnx.Rngs) -> Inception3:
     """--init-from: the whole network from a state_dict of the same shape, or (--fine-tune) its backbone."""
-    from jaxnets import convert
-
     channels, outputs = dataset.image_shape[2], num_outputs(dataset)
     try:
         state_dict = convert.load_torch_checkpoint(config.init_from)
@@ -164,9 +162,7 @@ def check_options(config: Config) -> None:
 
 def is_head(path: tuple) -> bool:
     """Whether a parameter's pytree path is in Inception3's head (convert.HEAD_PREFIXES: fc, AuxLogits.fc)."""
-    from jaxnets.convert import HEAD_PREFIXES
-
-    return ".".join(str(getattr(key, "key", key)) for key in path).startswith(HEAD_PREFIXES)
+    return ".".join(str(getattr(key, "key", key)) for key in path).startswith(convert.HEAD_PREFIXES)
 
 
 WARMUP_FRACTION = 0.05  # --schedule warmup_cosine: the share of the steps over which the rate rises from 0
