@@ -2,15 +2,21 @@
 
 Each side runs in its own worker process (so peak memory is measured separately); the parent alternates
 timed blocks between them, excludes warm-up, and reports medians and the jaxnets/PyTorch ratio as a
-table and one JSON line. `--device` runs only the jaxnets side on the accelerator and reports MFU.
+table and one JSON line. `--device` compares on the accelerator: jaxnets bf16 against torchvision's Inception3
+with AMP bf16 and channels_last, both eager and `torch.compile`, all on the same GPU in the same run, and
+profiles the jaxnets steps (op time by category; the raw trace is kept for reading elsewhere).
 
     python bench/compare_torch.py                 # all CPU cases (takes ~15 minutes on 2 cores)
     python bench/compare_torch.py --cases train128 --rounds 5
-    python bench/compare_torch.py --device        # GPU: train b256 3x299 bf16, images/s and MFU
+    python bench/compare_torch.py --device --profile-dir DIR  # GPU: train b256 and eval b512, 3x299 bf16
 """
 
 import argparse
+import collections
+import contextlib
 import datetime
+import functools
+import glob
 import json
 import os
 import platform
@@ -19,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 # Forward FLOPs of Inception3 per 3x299x299 image (conv + matmul); training is ~3x forward.
@@ -29,6 +36,10 @@ CASES = {
     "train299": ("train", 16, 3, 299),
     "eval299": ("eval", 64, 3, 299),
 }
+DEVICE_CASES = {"gpu-train299": ("train", 256, 3, 299), "gpu-eval299": ("eval", 512, 3, 299)}
+# jax@DIR: jaxnets imported from the checkout DIR (to compare two versions); torch: eager, AMP bf16, channels_last;
+# torch-compile: the same under torch.compile.
+GPU_SIDES = "jax,torch,torch-compile"
 NUM_OUTPUTS = 6  # x, y, einsteinR, sigma, sigma2, theta
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -76,13 +87,32 @@ def jax_worker(mode: str, batch: int, channels: int, size: int, precision: str) 
                 metrics = compiled(state, data)
         jax.block_until_ready(metrics)
 
-    serve(run, {"compile_seconds": compile_seconds, "device": str(jax.devices()[0].device_kind)})
+    def finish() -> dict:
+        info = {}
+        stats = jax.devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            info["device_peak_mib"] = stats["peak_bytes_in_use"] / 2**20
+        profile_dir = os.environ.get("JAXNETS_BENCH_PROFILE")
+        if profile_dir:
+            with jax.profiler.trace(profile_dir):
+                run(5)
+            try:
+                info["profile"] = summarise_profile(profile_dir, steps=5)
+            except Exception as error:  # the timings stand without it
+                info["profile_error"] = repr(error)
+        return info
+
+    serve(run, {"compile_seconds": compile_seconds, "device": str(jax.devices()[0].device_kind)}, finish)
 
 
-def torch_worker(mode: str, batch: int, channels: int, size: int, precision: str) -> None:
+def torch_worker(
+    mode: str, batch: int, channels: int, size: int, precision: str, gpu: bool = False, compiled: bool = False
+) -> None:
+    """CPU: float32, as the lecture runs it. GPU: AMP bf16, channels_last, cuDNN autotuning, fused Adam."""
     import torch
     import torchvision
 
+    device = "cuda" if gpu and torch.cuda.is_available() else "cpu"  # the report names the device used
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     torch.manual_seed(0)
     model = torchvision.models.Inception3(num_classes=NUM_OUTPUTS, aux_logits=False, init_weights=True)
@@ -90,15 +120,24 @@ def torch_worker(mode: str, batch: int, channels: int, size: int, precision: str
         model.Conv2d_1a_3x3.conv = torch.nn.Conv2d(channels, 32, kernel_size=3, stride=2, bias=False)
     images = torch.rand(batch, channels, size, size)
     targets = torch.randn(batch, NUM_OUTPUTS)
+    autocast = contextlib.nullcontext
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+        model = model.to(device, memory_format=torch.channels_last)
+        images = images.to(device).contiguous(memory_format=torch.channels_last)
+        targets = targets.to(device)
+        autocast = functools.partial(torch.autocast, device_type="cuda", dtype=torch.bfloat16)
+    forward = torch.compile(model) if compiled else model
     if mode == "train":
         model.train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device == "cuda")
         criterion = torch.nn.MSELoss()
 
         def run(n):
             for _ in range(n):
                 optimizer.zero_grad()
-                loss = criterion(model(images), targets)
+                with autocast():
+                    loss = criterion(forward(images), targets)
                 loss.backward()
                 optimizer.step()
             loss.item()
@@ -106,15 +145,21 @@ def torch_worker(mode: str, batch: int, channels: int, size: int, precision: str
         model.eval()
 
         def run(n):
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 for _ in range(n):
-                    model(images).sum().item()
+                    result = forward(images).sum()
+            result.item()
 
-    serve(run, {"device": "cpu", "torch": torch.__version__, "torchvision": torchvision.__version__})
+    def finish() -> dict:
+        return {"device_peak_mib": torch.cuda.max_memory_allocated() / 2**20} if device == "cuda" else {}
+
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    serve(run, {"device": name, "torch": torch.__version__, "torchvision": torchvision.__version__}, finish)
 
 
-def serve(run, info: dict) -> None:
-    run(2)  # warm-up: first steps allocate and (for JAX) finish compiling
+def serve(run, info: dict, finish=dict) -> None:
+    """Warms up, says it is ready, times "run N" commands; on "quit" reports peak memory and `finish()`'s extras."""
+    run(2)  # warm-up: first steps allocate and finish compiling (XLA's autotuning, torch.compile)
     print(json.dumps({"ready": True, **info}), flush=True)
     for line in sys.stdin:
         command = line.split()
@@ -125,22 +170,46 @@ def serve(run, info: dict) -> None:
         else:
             break
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_rss_mib": peak_mib}), flush=True)
+    print(json.dumps({"peak_rss_mib": peak_mib, **finish()}), flush=True)
 
 
 class Worker:
-    def __init__(self, side: str, case: str, precision: str, env: dict | None = None):
+    """One side in its own process. `Worker(...)` waits until it is ready; `Worker(..., wait=False)` only starts
+    it, and `ready(timeout)` waits."""
+
+    def __init__(self, side: str, case: str, precision: str, env: dict | None = None, wait: bool = True):
+        self.side = side
+        env = {**os.environ, **(env or {})}
+        side, _, checkout = side.partition("@")
+        if checkout:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.abspath(checkout), env.get("PYTHONPATH")]))
         self.process = subprocess.Popen(
             [sys.executable, __file__, "--worker", side, "--cases", case, "--precision", precision],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-            env={**os.environ, **(env or {})},
+            env=env,
         )
-        self.info = self._read()
+        self.info = self._read() if wait else None
+
+    def ready(self, timeout: float | None = None) -> dict:
+        """Waits for the worker's first report; kills it (and raises) if that takes over `timeout` seconds."""
+        if self.info is None:
+            timer = threading.Timer(timeout, self.process.kill) if timeout else None
+            if timer:
+                timer.start()
+            try:
+                self.info = self._read()
+            finally:
+                if timer:
+                    timer.cancel()
+        return self.info
 
     def _read(self) -> dict:
         line = self.process.stdout.readline()
+        while line and not line.startswith("{"):  # a library's message on stdout
+            print(line, end="", file=sys.stderr)
+            line = self.process.stdout.readline()
         if not line:
             raise RuntimeError(f"worker {self.process.args} died (exit {self.process.wait()})")
         return json.loads(line)
@@ -221,23 +290,93 @@ def compare(case: str, precision: str, rounds: int, steps: int) -> dict:
     }
 
 
-def device_benchmark(batch: int, steps: int, rounds: int, peak_tflops: float) -> dict:
-    worker = Worker("jax", "device", "bf16", {"JAXNETS_BENCH_DEVICE_BATCH": str(batch)})
-    rates = [steps * batch / worker.time(steps) for _ in range(rounds)]
-    worker.close()
-    rate = statistics.median(rates)
-    achieved = rate * 3 * FORWARD_GFLOP_299 * 1e9
+def summarise_profile(profile_dir: str, steps: int) -> dict:
+    """Device op time per step from a jax.profiler trace: XLA ops by HLO category, and the largest kernels."""
+    from jax._src.profiler import ProfileData
+
+    (path,) = glob.glob(os.path.join(profile_dir, "**", "*.xplane.pb"), recursive=True)
+    categories, ops, kernels, lines = (collections.Counter() for _ in range(4))
+    for plane in ProfileData.from_file(path).planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        for line in plane.lines:
+            for event in line.events:
+                milliseconds = event.duration_ns / 1e6 / steps
+                lines[f"{plane.name} {line.name}"] += milliseconds
+                if line.name == "XLA Ops":
+                    stats = dict(event.stats)
+                    categories[str(stats.get("hlo_category", "?"))] += milliseconds
+                    ops[event.name] += milliseconds
+                elif line.name.startswith("Stream"):
+                    kernels[event.name[:120]] += milliseconds
+    top = lambda counter, n: {k: round(v, 3) for k, v in counter.most_common(n)}  # noqa: E731
     return {
-        "case": "device-train299",
-        "device": worker.info["device"],
-        "batch": batch,
-        "precision": "bf16",
-        "img_s": round(rate, 1),
-        "tflops": round(achieved / 1e12, 1),
-        "mfu": round(achieved / (peak_tflops * 1e12), 3),
-        "peak_tflops_assumed": peak_tflops,
-        "compile_s": round(worker.info["compile_seconds"], 1),
+        "trace": path,
+        "ms_per_step_by_category": top(categories, 30),
+        "top_ops_ms": top(ops, 25),
+        "top_kernels_ms": top(kernels, 25),
+        "kernel_ms_per_step": round(sum(kernels.values()), 3),
+        "ms_per_step_by_line": top(lines, 20),
     }
+
+
+def device_comparison(args) -> list[dict]:
+    """Each case's sides on the same GPU, in their own processes, timed alternately (medians of `rounds` blocks)."""
+    results = []
+    for case in args.device_cases.split(","):
+        mode, batch, _, _ = DEVICE_CASES[case]
+        # JAX takes 75 % of the GPU by default; leave the PyTorch sides room beside it.
+        env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.4"}
+        if args.profile_dir:
+            env["JAXNETS_BENCH_PROFILE"] = os.path.join(args.profile_dir, case)
+        # One side at a time builds and warms up: XLA's and cuDNN's autotuning time kernels on the GPU, which a
+        # neighbour's work would distort.
+        workers = {}
+        for side in args.sides.split(","):
+            started = time.perf_counter()
+            worker = Worker(side, case, "bf16", env, wait=False)
+            try:
+                worker.ready(timeout=args.ready_timeout)
+            except (RuntimeError, json.JSONDecodeError) as error:  # one failing side must not cost the others
+                print(f"{case} {side}: {error}", file=sys.stderr, flush=True)
+                continue
+            workers[side] = worker
+            print(f"{case} {side}: ready after {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+        rates = {side: [] for side in workers}
+        for _ in range(args.rounds):
+            for side, worker in list(workers.items()):
+                try:
+                    rates[side].append(args.steps * batch / worker.time(args.steps))
+                except (RuntimeError, json.JSONDecodeError, BrokenPipeError) as error:
+                    print(f"{case} {side}: {error}", file=sys.stderr, flush=True)
+                    del workers[side]
+        flop = (3 if mode == "train" else 1) * FORWARD_GFLOP_299 * 1e9
+        for side, worker in workers.items():
+            end = worker.close()
+            rate = statistics.median(rates[side])
+            results.append(
+                {
+                    "case": case,
+                    "side": side,
+                    "device": worker.info["device"],
+                    "batch": batch,
+                    "img_s": round(rate, 1),
+                    "rounds_img_s": [round(r, 1) for r in rates[side]],
+                    "mfu": round(rate * flop / (args.peak_tflops * 1e12), 3),
+                    "compile_s": round(worker.info["compile_seconds"], 1) if "compile_seconds" in worker.info else None,
+                    "device_peak_mib": round(end["device_peak_mib"]) if "device_peak_mib" in end else None,
+                    "peak_rss_mib": round(end["peak_rss_mib"]),
+                    "versions": {k: worker.info[k] for k in ("torch", "torchvision") if k in worker.info},
+                    **({"profile": end["profile"]} if "profile" in end else {}),
+                }
+            )
+            r = results[-1]
+            print(
+                f"{case:<13} {side:<14} b{batch} {r['img_s']:8.1f} img/s  MFU {r['mfu']:.3f}  "
+                f"device peak {r['device_peak_mib']} MiB  rounds {r['rounds_img_s']}",
+                flush=True,
+            )
+    return results
 
 
 def main() -> None:
@@ -245,9 +384,16 @@ def main() -> None:
     parser.add_argument("--cases", default="train128,train299,eval299")
     parser.add_argument("--precision", default="f32,bf16", help="jaxnets precisions to compare (PyTorch: f32)")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=3, help="steps per timed block")
-    parser.add_argument("--device", action="store_true", help="GPU mode: jaxnets only, b256 3x299 bf16, MFU")
-    parser.add_argument("--device-batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, help="steps per timed block (default: 3 on CPU, 20 with --device)")
+    parser.add_argument(
+        "--device", action="store_true", help="GPU: jaxnets vs PyTorch eager and compiled, AMP bf16, channels_last"
+    )
+    parser.add_argument("--sides", default=GPU_SIDES, help="with --device: jax, jax@CHECKOUT, torch, torch-compile")
+    parser.add_argument("--device-cases", default=",".join(DEVICE_CASES), help="with --device")
+    parser.add_argument("--profile-dir", help="with --device: profile the jaxnets steps into this folder")
+    parser.add_argument(
+        "--ready-timeout", type=float, default=240, help="with --device: seconds a side may take to build and compile"
+    )
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100/H200 SXM: 989)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -262,12 +408,14 @@ def main() -> None:
 
             jax.config.update("jax_compilation_cache_dir", os.environ["JAXNETS_BENCH_CACHE"])
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-        if args.cases == "device":
-            spec = ("train", int(os.environ["JAXNETS_BENCH_DEVICE_BATCH"]), 3, 299)
+        spec = {**CASES, **DEVICE_CASES}[args.cases]
+        if args.worker == "jax":
+            jax_worker(*spec, args.precision)
         else:
-            spec = CASES[args.cases]
-        (jax_worker if args.worker == "jax" else torch_worker)(*spec, args.precision)
+            gpu = args.cases in DEVICE_CASES
+            torch_worker(*spec, args.precision, gpu, compiled=args.worker == "torch-compile")
         return
+    args.steps = args.steps or (20 if args.device else 3)
 
     import jax
 
@@ -287,8 +435,7 @@ def main() -> None:
             file=sys.stderr,
         )
     if args.device:
-        result = device_benchmark(args.device_batch, args.steps, args.rounds, args.peak_tflops)
-        print(json.dumps({**header, **result}))
+        print(json.dumps({**header, "peak_tflops_assumed": args.peak_tflops, "results": device_comparison(args)}))
         return
     results = []
     for case in args.cases.split(","):

@@ -54,6 +54,12 @@ def conv2d(
     return _conv_dot(images, kernel, strides, padding, precision)
 
 
+def cpu_tuned() -> bool:
+    """Whether the CPU-tuned forms run (here "dot"; BatchNorm's two-pass statistics): $JAXNETS_CONV, else the
+    backend. One switch for every choice that differs between CPU and GPU/TPU, so a run never mixes them."""
+    return _resolve(None) == "dot"
+
+
 def _resolve(implementation: Implementation | None) -> str:
     """ "lax" or "dot": the argument, else $JAXNETS_CONV, else "auto", which is "dot" on CPU only."""
     implementation = implementation or os.environ.get(IMPLEMENTATION_ENV) or "auto"

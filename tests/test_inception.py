@@ -10,11 +10,13 @@ import pytest
 from flax import nnx
 
 from jaxnets.convert import export_to_torch_state_dict, inception3_from_torch
+from jaxnets.models import layers
 from jaxnets.models.inception import Inception3, _linear_head, _pooled_branch, _transform_input
 from jaxnets.models.layers import (
     BasicConv2d,
     BatchNorm2d,
     avg_pool_3x3_same,
+    batch_statistics,
     max_pool_3x3_stride_2,
     torch_truncated_normal,
 )
@@ -191,6 +193,40 @@ def test_batchnorm_running_statistics_follow_torch():
     # torch's running variance: 0.9 * 1 + 0.1 * unbiased variance over the 2 * 5 * 5 values per channel.
     np.testing.assert_allclose(bn.var[...], 0.9 + 0.1 * real.var((0, 1, 2), ddof=1), rtol=1e-5)
     assert int(bn.num_batches_tracked[...]) == 1
+
+
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_batch_statistics_hold_when_the_mean_dwarfs_the_spread(one_pass):
+    rng = np.random.default_rng(0)
+    values = jnp.asarray(300.0 + rng.normal(size=(4, 6, 6, 3)), jnp.float32)
+    values = values.at[0, 0, 0].add(10.0)  # the one-pass shift (each channel's first value) far from the mean
+    real = np.asarray(values, np.float64)
+    mean, var = batch_statistics(values, one_pass=one_pass)
+    np.testing.assert_allclose(mean, real.mean((0, 1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(var, real.var((0, 1, 2)), rtol=1e-4)
+    # What both forms avoid: the plain E[x^2] - E[x]^2 of the same float32 values.
+    plain = jnp.mean(jnp.square(values), (0, 1, 2)) - jnp.square(jnp.mean(values, (0, 1, 2)))
+    assert np.abs(np.asarray(plain) / real.var((0, 1, 2)) - 1).max() > 1e-3
+
+
+def test_one_and_two_pass_statistics_have_the_same_gradients():
+    values = jax.random.normal(jax.random.key(1), (2, 5, 5, 4)) * 3.0 + 2.0
+
+    def loss(values, one_pass):
+        mean, var = batch_statistics(values, one_pass=one_pass)
+        return jnp.sum(jnp.sin(mean)) + jnp.sum(jnp.cos(var))
+
+    two, one = jax.grad(loss)(values, False), jax.grad(loss)(values, True)
+    np.testing.assert_allclose(one, two, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("implementation, one_pass", [("dot", False), ("lax", True)])
+def test_batchnorm_statistics_follow_the_conv_switch(monkeypatch, implementation, one_pass):
+    seen = []
+    monkeypatch.setattr(layers, "batch_statistics", lambda values, one_pass: seen.append(one_pass) or (0.0, 1.0))
+    monkeypatch.setenv("JAXNETS_CONV", implementation)
+    BatchNorm2d(4, rngs=nnx.Rngs(0))(jnp.ones((1, 2, 2, 4)))
+    assert seen == [one_pass]
 
 
 def test_transform_input_matches_torchvision(torch, rgb_pair):

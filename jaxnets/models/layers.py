@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from jaxnets.conv import conv2d
+from jaxnets.conv import conv2d, cpu_tuned
 
 BATCHNORM_EPSILON = 0.001  # torchvision's BasicConv2d
 # Flax keeps `momentum` of the old running statistic; torch mixes in `momentum` of the new one: 0.9 == torch 0.1.
@@ -105,16 +105,14 @@ class BatchNorm2d(nnx.BatchNorm):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [batch, height, width, features] -> the same shape.
 
-        Statistics are float32 (bfloat16 inputs included) and, like torch, subtract the mean before squaring
-        (E[x^2] - E[x]^2 cancels when the mean dwarfs the spread: values 300 +- 1 give a variance 1 % off).
+        Statistics are float32 (bfloat16 inputs included); see `batch_statistics`.
         """
         x = x.astype(self.dtype)
         if self.use_running_average:
             mean, var = self.mean.get_value(), self.var.get_value()
         else:
             values = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-            mean = jnp.mean(values, axis=(0, 1, 2))
-            var = jnp.mean(jnp.square(values - mean), axis=(0, 1, 2))
+            mean, var = batch_statistics(values, one_pass=not cpu_tuned())
             count = x.shape[0] * x.shape[1] * x.shape[2]
             unbiased = var * count / jnp.maximum(count - 1, 1)
             keep = self.momentum
@@ -123,6 +121,25 @@ class BatchNorm2d(nnx.BatchNorm):
             self.num_batches_tracked.set_value(self.num_batches_tracked.get_value() + 1)
         multiplier = lax.rsqrt(var + self.epsilon) * self.scale.get_value()
         return ((x - mean) * multiplier + self.bias.get_value()).astype(self.dtype)
+
+
+def batch_statistics(values: jax.Array, *, one_pass: bool) -> tuple[jax.Array, jax.Array]:
+    """Per-channel mean and biased variance of values [batch, height, width, channels] over the first three axes.
+
+    Both forms square deviations from a value near the mean: plain E[x^2] - E[x]^2 cancels when the mean dwarfs
+    the spread (values 300 +- 1 give a variance 1 % off in float32). Two passes (the mean, then the squares about
+    it, as torch) run faster on CPU; one pass (the sums of x - s and (x - s)^2, s the channel's first value) on
+    GPU, where XLA reads the input once for both sums. Which runs follows `jaxnets.conv`'s switch (README,
+    Benchmarks, "Why the code is as it is").
+    """
+    axes = (0, 1, 2)
+    if not one_pass:
+        mean = jnp.mean(values, axis=axes)
+        return mean, jnp.mean(jnp.square(values - mean), axis=axes)
+    shift = lax.stop_gradient(values[0, 0, 0])
+    shifted_mean = jnp.mean(values - shift, axis=axes)
+    var = jnp.maximum(jnp.mean(jnp.square(values - shift), axis=axes) - jnp.square(shifted_mean), 0)
+    return shifted_mean + shift, var
 
 
 class BasicConv2d(nnx.Module):
