@@ -290,33 +290,54 @@ def compare(case: str, precision: str, rounds: int, steps: int) -> dict:
     }
 
 
-def summarise_profile(profile_dir: str, steps: int) -> dict:
-    """Device op time per step from a jax.profiler trace: XLA ops by HLO category, and the largest kernels."""
+def kernel_kind(name: str) -> str:
+    """What a GPU kernel of the Inception3 step does, read from its name (cuDNN, cuBLAS or an XLA fusion)."""
+    if "xmma" in name or "cutlass" in name or "convolve" in name:
+        return {"dgrad": "convolution, input gradient", "wgrad": "convolution, kernel gradient"}.get(
+            next((k for k in ("dgrad", "wgrad") if k in name), ""), "convolution, forward"
+        )
+    for marker, kind in (
+        ("nvjet", "matrix product (1x1 convolutions, fc)"),
+        ("gemm", "matrix product (1x1 convolutions, fc)"),
+        ("reduce", "reductions (BatchNorm statistics and gradients)"),
+        ("maximum", "max: ReLU, max pool"),
+        ("select", "max: ReLU, max pool"),
+        ("concatenate", "concatenation of the branches"),
+        ("convert", "dtype conversions"),
+        ("transpose", "copies, transposes"),
+        ("copy", "copies, transposes"),
+        ("fusion", "other elementwise"),
+    ):
+        if marker in name:
+            return kind
+    return "other (adds, memsets)"
+
+
+def summarise_profile(trace: str, steps: int) -> dict:
+    """Device kernel time per step from a jax.profiler trace (a folder holding one .xplane.pb, or the file):
+    by kind of kernel, and the largest kernels."""
     from jax._src.profiler import ProfileData
 
-    (path,) = glob.glob(os.path.join(profile_dir, "**", "*.xplane.pb"), recursive=True)
-    categories, ops, kernels, lines = (collections.Counter() for _ in range(4))
-    for plane in ProfileData.from_file(path).planes:
-        if not plane.name.startswith("/device:"):
-            continue
-        for line in plane.lines:
-            for event in line.events:
-                milliseconds = event.duration_ns / 1e6 / steps
-                lines[f"{plane.name} {line.name}"] += milliseconds
-                if line.name == "XLA Ops":
-                    stats = dict(event.stats)
-                    categories[str(stats.get("hlo_category", "?"))] += milliseconds
-                    ops[event.name] += milliseconds
-                elif line.name.startswith("Stream"):
-                    kernels[event.name[:120]] += milliseconds
-    top = lambda counter, n: {k: round(v, 3) for k, v in counter.most_common(n)}  # noqa: E731
+    if os.path.isdir(trace):
+        (trace,) = glob.glob(os.path.join(trace, "**", "*.xplane.pb"), recursive=True)
+    kinds, kernels, counts = collections.Counter(), collections.Counter(), collections.Counter()
+    for plane in ProfileData.from_file(trace).planes:
+        if plane.name.startswith("/device:"):
+            for line in plane.lines:
+                for event in line.events:
+                    kinds[kernel_kind(event.name)] += event.duration_ns / 1e6 / steps
+                    counts[kernel_kind(event.name)] += 1 / steps
+                    kernels[event.name[:120]] += event.duration_ns / 1e6 / steps
+    total = sum(kinds.values())
     return {
-        "trace": path,
-        "ms_per_step_by_category": top(categories, 30),
-        "top_ops_ms": top(ops, 25),
-        "top_kernels_ms": top(kernels, 25),
-        "kernel_ms_per_step": round(sum(kernels.values()), 3),
-        "ms_per_step_by_line": top(lines, 20),
+        "trace": trace,
+        "kernel_ms_per_step": round(total, 2),
+        "kernels_per_step": round(sum(counts.values())),
+        "by_kind": {
+            k: {"ms": round(v, 2), "share": round(v / total, 3), "kernels": round(counts[k])}
+            for k, v in kinds.most_common()
+        },
+        "top_kernels_ms": {k: round(v, 3) for k, v in kernels.most_common(25)},
     }
 
 
@@ -325,14 +346,15 @@ def device_comparison(args) -> list[dict]:
     results = []
     for case in args.device_cases.split(","):
         mode, batch, _, _ = DEVICE_CASES[case]
-        # JAX takes 75 % of the GPU by default; leave the PyTorch sides room beside it.
-        env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.4"}
-        if args.profile_dir:
-            env["JAXNETS_BENCH_PROFILE"] = os.path.join(args.profile_dir, case)
+        sides = args.sides.split(",")
+        # JAX takes 75 % of the GPU by default; leave the other sides room beside it (b256 needs ~9 GB).
+        env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": str(round(min(0.4, 0.9 / len(sides)), 3))}
         # One side at a time builds and warms up: XLA's and cuDNN's autotuning time kernels on the GPU, which a
         # neighbour's work would distort.
         workers = {}
-        for side in args.sides.split(","):
+        for side in sides:
+            if args.profile_dir:
+                env["JAXNETS_BENCH_PROFILE"] = os.path.join(args.profile_dir, f"{case}-{side.replace(os.sep, '_')}")
             started = time.perf_counter()
             worker = Worker(side, case, "bf16", env, wait=False)
             try:
@@ -395,9 +417,16 @@ def main() -> None:
         "--ready-timeout", type=float, default=240, help="with --device: seconds a side may take to build and compile"
     )
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100/H200 SXM: 989)")
+    parser.add_argument("--summarise-trace", metavar="XPLANE", help="print the kernel time of a fetched trace and exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.summarise_trace:
+        summary = summarise_profile(args.summarise_trace, steps=5)
+        for kind, row in summary["by_kind"].items():
+            print(f"{kind:<50} {row['ms']:7.2f} ms  {100 * row['share']:5.1f} %  {row['kernels']:5d} kernels")
+        print(f"{'all kernels':<50} {summary['kernel_ms_per_step']:7.2f} ms          {summary['kernels_per_step']:5d}")
+        return
     if args.worker:
         if args.worker == "jax":
             from jaxnets import host_memory
@@ -416,6 +445,8 @@ def main() -> None:
             torch_worker(*spec, args.precision, gpu, compiled=args.worker == "torch-compile")
         return
     args.steps = args.steps or (20 if args.device else 3)
+    if len(set(args.sides.split(","))) != len(args.sides.split(",")):
+        parser.error(f"--sides names a side twice ({args.sides}); more --rounds time it more often")
 
     import jax
 
