@@ -115,6 +115,12 @@ class Config:
     )
     lr: float = _option(2e-3, "Adam learning rate (the peak of warmup_cosine); the lecture's is 1e-3")
     weight_decay: float = _option(0.0, "decoupled weight decay (AdamW) when > 0")
+    ema: float = _option(
+        0.0,
+        "when > 0: validate, keep the best checkpoint and evaluate with an exponential moving average of the "
+        "weights with this decay (e.g. 0.99: about the last 100 steps)",
+        resume=True,
+    )
     schedule: str = _option(
         "warmup_cosine",
         "learning-rate schedule: constant (the lecture's); cosine decays it to 0 at the last step; warmup_cosine "

@@ -194,6 +194,8 @@ def build_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTrans
         hold = optax.scale_by_schedule(lambda count: jnp.where(count < frozen_steps, 0.0, 1.0))
         backbone = lambda params: jax.tree_util.tree_map_with_path(lambda path, _: not is_head(path), params)  # noqa: E731
         tx = optax.chain(tx, optax.masked(hold, backbone))
+    if config.ema > 0:
+        tx = optax.chain(tx, training.params_ema(config.ema))
     if config.on_nan == "skip":
         tx = optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
     return tx
@@ -376,7 +378,7 @@ def train_and_evaluate(config: Config) -> dict:
                     record = dict(record_base, epoch=epoch - 1, batch=progress.batch, partial=partial)
                     _save_interrupted(checkpointer, state, record, workdir)
                     return {"history": writer.history, "interrupted": stop.exit_code}
-                validation = training.evaluate(state, validation_batches(), eval_step, mesh)
+                validation = training.evaluate(training.with_ema_params(state), validation_batches(), eval_step, mesh)
                 elapsed = time.perf_counter() - started
                 print(
                     f"Epoch {epoch}: Loss = {summary['loss']:.6g}, Validation loss = {validation['loss']:.6g}, "
@@ -486,7 +488,7 @@ def evaluate_run(
     encoding = _saved_encoding(record, dataset) if dataset.task == "regression" else None
     batches = pipeline.batches(dataset, split, config.batch_size, train=False, encoding=encoding)
     result = training.evaluate(
-        training.replicate(state, mesh),
+        training.replicate(training.with_ema_params(state), mesh),
         batches,
         training.make_eval_step(loss_fn, with_predictions=True),
         mesh,

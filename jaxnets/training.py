@@ -6,7 +6,7 @@ optimizer.step()` becomes one function: `jax.value_and_grad(loss)` -> `tx.update
 """
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -59,6 +59,41 @@ class TrainState:
         model = nnx.merge(self.graphdef, self.params, self.rest, copy=True)
         model.train() if train else model.eval()
         return model
+
+
+class ParamsEmaState(NamedTuple):
+    count: jax.Array
+    ema: optax.Params
+
+
+def params_ema(decay: float) -> optax.GradientTransformation:
+    """An exponential moving average of the parameters, kept in the optimiser state (so checkpoints and
+    resuming carry it): after each update, ema <- d * ema + (1 - d) * params, with d = min(decay, (1 + t) /
+    (10 + t)) at update t so that the initial weights fade out early (timm's warm-up). Updates pass unchanged;
+    chain it after the optimiser. `with_ema_params(state)` evaluates with the average.
+    """
+
+    def init(params: optax.Params) -> ParamsEmaState:
+        return ParamsEmaState(jnp.zeros((), jnp.int32), jax.tree.map(lambda p: p.astype(jnp.float32), params))
+
+    def update(updates, state: ParamsEmaState, params=None):
+        new_params = optax.apply_updates(params, updates)
+        count = state.count.astype(jnp.float32)
+        rate = jnp.minimum(decay, (1 + count) / (10 + count))
+        ema = jax.tree.map(lambda e, p: rate * e + (1 - rate) * p.astype(e.dtype), state.ema, new_params)
+        return updates, ParamsEmaState(state.count + 1, ema)
+
+    return optax.GradientTransformation(init, update)
+
+
+def with_ema_params(state: "TrainState") -> "TrainState":
+    """The state with its parameters replaced by their moving average, when the optimiser keeps one
+    (`params_ema`); else the state itself."""
+    found = optax.tree_utils.tree_get_all_with_path(state.opt_state, ParamsEmaState.__name__)
+    if not found:
+        return state
+    ((_, ema_state),) = found
+    return state.replace(params=jax.tree.map(lambda e, p: e.astype(p.dtype), ema_state.ema, state.params))
 
 
 def _targets(batch: Batch) -> jax.Array:
@@ -257,5 +292,5 @@ def fit(
         state, totals, _ = train_epoch(state, train_batches(epoch), train_step, mesh)
         metrics = summarize(totals)
         if validation_batches is not None:
-            metrics["validation_loss"] = evaluate(state, validation_batches(), eval_step, mesh)["loss"]
+            metrics["validation_loss"] = evaluate(with_ema_params(state), validation_batches(), eval_step, mesh)["loss"]
         yield epoch, state, metrics

@@ -287,3 +287,16 @@ def test_the_nan_check_names_the_step_that_went_bad(tmp_path, monkeypatch, bad, 
     with pytest.raises(experiment.RunError, match=rf"NaN or Inf at step {bad} in epoch 1") as error:
         experiment.train_and_evaluate(tiny_config(tmp_path, num_train=16 * 30, epochs=1))
     assert error.value.exit_code == 3 and len(fed) == stops_after
+
+
+def test_ema_run_validates_and_evaluates_with_the_average(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path, ema=0.5)
+    history = experiment.train_and_evaluate(config)["history"]
+    # evaluate.py restores the best checkpoint and must see the averaged weights that validation saw.
+    report = experiment.evaluate_run(config.workdir, split="validation")
+    assert report["validation_loss"] == min(h["validation_loss"] for h in history)
+    assert report["loss"] == pytest.approx(report["validation_loss"], rel=1e-5)
+    monkeypatch.setattr(training, "with_ema_params", lambda state: state)  # the raw weights instead
+    assert experiment.evaluate_run(config.workdir, split="validation")["loss"] != pytest.approx(
+        report["loss"], rel=1e-3
+    )

@@ -231,3 +231,24 @@ def test_padded_evaluation_compiles_once_for_every_split_size(mesh):
         result = training.evaluate(state, batches, eval_step, mesh, with_predictions=True)
         assert result["count"] == rows and len(result["predictions"]) == rows
     assert eval_step._cache_size() == 1
+
+
+def test_params_ema_follows_its_recurrence_and_leaves_training_alone(mesh):
+    step = training.make_train_step(losses.mse, donate=False)
+    plain = new_state()
+    averaged = training.TrainState.create(
+        MLP(12, [16], 3, rngs=nnx.Rngs(0)), optax.chain(optax.adam(1e-2), training.params_ema(0.9))
+    )
+    expected = jax.tree.map(np.asarray, plain.params)
+    for t in range(5):
+        batch = training.shard_batch(make_batch(seed=t), mesh)
+        plain, _ = step(plain, batch)
+        averaged, _ = step(averaged, batch)
+        rate = min(0.9, (1 + t) / (10 + t))  # the warm-up: early averages forget the initial weights fast
+        expected = jax.tree.map(lambda e, p, r=rate: r * e + (1 - r) * np.asarray(p), expected, plain.params)
+    for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(averaged.params), strict=True):
+        np.testing.assert_array_equal(a, b)  # the average never feeds back into training
+    evaluated = training.with_ema_params(averaged)
+    for e, p in zip(jax.tree.leaves(expected), jax.tree.leaves(evaluated.params), strict=True):
+        np.testing.assert_allclose(p, e, rtol=1e-6, atol=1e-7)
+    assert training.with_ema_params(plain) is plain  # no average kept: the state itself
