@@ -108,19 +108,56 @@ class BatchNorm2d(nnx.BatchNorm):
         Statistics are float32 (bfloat16 inputs included); see `batch_statistics`.
         """
         x = x.astype(self.dtype)
+        scale, bias = self.scale.get_value(), self.bias.get_value()
         if self.use_running_average:
             mean, var = self.mean.get_value(), self.var.get_value()
-        else:
-            values = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-            mean, var = batch_statistics(values, one_pass=not cpu_tuned())
-            count = x.shape[0] * x.shape[1] * x.shape[2]
-            unbiased = var * count / jnp.maximum(count - 1, 1)
-            keep = self.momentum
-            self.mean.set_value(lax.stop_gradient(keep * self.mean.get_value() + (1 - keep) * mean))
-            self.var.set_value(lax.stop_gradient(keep * self.var.get_value() + (1 - keep) * unbiased))
-            self.num_batches_tracked.set_value(self.num_batches_tracked.get_value() + 1)
-        multiplier = lax.rsqrt(var + self.epsilon) * self.scale.get_value()
-        return ((x - mean) * multiplier + self.bias.get_value()).astype(self.dtype)
+            return _normalize(x, mean, lax.rsqrt(var + self.epsilon), scale, bias)
+        y, (mean, var) = batch_norm_train(x, scale, bias, self.epsilon, not cpu_tuned())
+        count = x.shape[0] * x.shape[1] * x.shape[2]
+        unbiased = var * count / jnp.maximum(count - 1, 1)
+        keep = self.momentum
+        self.mean.set_value(lax.stop_gradient(keep * self.mean.get_value() + (1 - keep) * mean))
+        self.var.set_value(lax.stop_gradient(keep * self.var.get_value() + (1 - keep) * unbiased))
+        self.num_batches_tracked.set_value(self.num_batches_tracked.get_value() + 1)
+        return y
+
+
+def _normalize(x: jax.Array, mean: jax.Array, inv_std: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+    return ((x - mean) * (inv_std * scale) + bias).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, one_pass: bool
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Train-mode BatchNorm of x [batch, height, width, channels]: (y, (mean, var)), y normalised with the batch's
+    float32 statistics (`batch_statistics`), mean and var for the running averages (no gradient flows through
+    them).
+
+    The gradient is the closed form dx = scale / sigma * (dy - mean(dy) - x_hat * mean(dy * x_hat)): two sums in
+    one pass over dy. Autodiff of the statistics also differentiates through the mean inside the variance, one
+    more pass per layer over a sum that is zero.
+    """
+    return _batch_norm_forward(x, scale, bias, epsilon, one_pass)[0]
+
+
+def _batch_norm_forward(x, scale, bias, epsilon, one_pass):
+    mean, var = batch_statistics(x.astype(jnp.promote_types(x.dtype, jnp.float32)), one_pass=one_pass)
+    inv_std = lax.rsqrt(var + epsilon)
+    return (_normalize(x, mean, inv_std, scale, bias), (mean, var)), (x, mean, inv_std, scale)
+
+
+def _batch_norm_backward(epsilon, one_pass, residuals, cotangents):
+    x, mean, inv_std, scale = residuals
+    dy = cotangents[0].astype(mean.dtype)
+    axes, count = (0, 1, 2), x.shape[0] * x.shape[1] * x.shape[2]
+    x_hat = (x.astype(mean.dtype) - mean) * inv_std
+    sum_dy, sum_dy_x_hat = jnp.sum(dy, axes), jnp.sum(dy * x_hat, axes)
+    dx = (scale * inv_std / count) * (count * dy - sum_dy - x_hat * sum_dy_x_hat)
+    return dx.astype(x.dtype), sum_dy_x_hat.astype(scale.dtype), sum_dy.astype(scale.dtype)
+
+
+batch_norm_train.defvjp(_batch_norm_forward, _batch_norm_backward)
 
 
 def batch_statistics(values: jax.Array, *, one_pass: bool) -> tuple[jax.Array, jax.Array]:
