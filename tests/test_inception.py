@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax import lax
 
 from jaxnets.convert import export_to_torch_state_dict, inception3_from_torch
 from jaxnets.models import layers
@@ -218,6 +219,26 @@ def test_one_and_two_pass_statistics_have_the_same_gradients():
 
     two, one = jax.grad(loss)(values, False), jax.grad(loss)(values, True)
     np.testing.assert_allclose(one, two, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_batchnorm_closed_form_gradient_equals_autodiff(one_pass):
+    keys = jax.random.split(jax.random.key(2), 4)
+    x = jax.random.normal(keys[0], (3, 4, 5, 6)) * 2.0 + 1.0
+    scale, bias = jax.random.normal(keys[1], (6,)), jax.random.normal(keys[2], (6,))
+    weights = jax.random.normal(keys[3], x.shape)
+
+    def autodiff(x, scale, bias):  # the textbook forward, differentiated by JAX
+        mean, var = batch_statistics(x, one_pass=one_pass)
+        return jnp.sum(weights * jnp.tanh((x - mean) * lax.rsqrt(var + 0.001) * scale + bias))
+
+    def closed_form(x, scale, bias):
+        y, _ = layers.batch_norm_train(x, scale, bias, 0.001, one_pass)
+        return jnp.sum(weights * jnp.tanh(y))
+
+    expected, actual = jax.grad(autodiff, (0, 1, 2))(x, scale, bias), jax.grad(closed_form, (0, 1, 2))(x, scale, bias)
+    for a, e in zip(actual, expected, strict=True):
+        np.testing.assert_allclose(a, e, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("implementation, one_pass", [("dot", False), ("lax", True)])
