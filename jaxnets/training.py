@@ -86,7 +86,7 @@ def params_ema(decay: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def with_ema_params(state: "TrainState") -> "TrainState":
+def with_ema_params(state: TrainState) -> TrainState:
     """The state with its parameters replaced by their moving average, when the optimiser keeps one
     (`params_ema`); else the state itself."""
     found = optax.tree_utils.tree_get_all_with_path(state.opt_state, ParamsEmaState.__name__)
