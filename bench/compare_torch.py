@@ -42,6 +42,7 @@ DEVICE_CASES = {"gpu-train299": ("train", 256, 3, 299), "gpu-eval299": ("eval", 
 GPU_SIDES = "jax,torch,torch-compile"
 NUM_OUTPUTS = 6  # x, y, einsteinR, sigma, sigma2, theta
 HERE = os.path.dirname(os.path.abspath(__file__))
+PROFILE_STEPS = 5  # steps traced by a jax worker with $JAXNETS_BENCH_PROFILE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,9 +96,9 @@ def jax_worker(mode: str, batch: int, channels: int, size: int, precision: str) 
         profile_dir = os.environ.get("JAXNETS_BENCH_PROFILE")
         if profile_dir:
             with jax.profiler.trace(profile_dir):
-                run(5)
+                run(PROFILE_STEPS)
             try:
-                info["profile"] = summarise_profile(profile_dir, steps=5)
+                info["profile"] = summarise_profile(profile_dir)
             except Exception as error:  # the timings stand without it
                 info["profile_error"] = repr(error)
         return info
@@ -174,11 +175,10 @@ def serve(run, info: dict, finish=dict) -> None:
 
 
 class Worker:
-    """One side in its own process. `Worker(...)` waits until it is ready; `Worker(..., wait=False)` only starts
-    it, and `ready(timeout)` waits."""
+    """One side in its own process; the constructor returns once it is ready (built, compiled, warmed up). With
+    `timeout`, a side that takes longer is killed and the constructor raises."""
 
-    def __init__(self, side: str, case: str, precision: str, env: dict | None = None, wait: bool = True):
-        self.side = side
+    def __init__(self, side: str, case: str, precision: str, env: dict | None = None, timeout: float | None = None):
         env = {**os.environ, **(env or {})}
         side, _, checkout = side.partition("@")
         if checkout:
@@ -190,20 +190,14 @@ class Worker:
             text=True,
             env=env,
         )
-        self.info = self._read() if wait else None
-
-    def ready(self, timeout: float | None = None) -> dict:
-        """Waits for the worker's first report; kills it (and raises) if that takes over `timeout` seconds."""
-        if self.info is None:
-            timer = threading.Timer(timeout, self.process.kill) if timeout else None
+        timer = threading.Timer(timeout, self.process.kill) if timeout else None
+        if timer:
+            timer.start()
+        try:
+            self.info = self._read()
+        finally:
             if timer:
-                timer.start()
-            try:
-                self.info = self._read()
-            finally:
-                if timer:
-                    timer.cancel()
-        return self.info
+                timer.cancel()
 
     def _read(self) -> dict:
         line = self.process.stdout.readline()
@@ -293,9 +287,9 @@ def compare(case: str, precision: str, rounds: int, steps: int) -> dict:
 def kernel_kind(name: str) -> str:
     """What a GPU kernel of the Inception3 step does, read from its name (cuDNN, cuBLAS or an XLA fusion)."""
     if "xmma" in name or "cutlass" in name or "convolve" in name:
-        return {"dgrad": "convolution, input gradient", "wgrad": "convolution, kernel gradient"}.get(
-            next((k for k in ("dgrad", "wgrad") if k in name), ""), "convolution, forward"
-        )
+        if "dgrad" in name:
+            return "convolution, input gradient"
+        return "convolution, kernel gradient" if "wgrad" in name else "convolution, forward"
     for marker, kind in (
         ("nvjet", "matrix product (1x1 convolutions, fc)"),
         ("gemm", "matrix product (1x1 convolutions, fc)"),
@@ -313,9 +307,9 @@ def kernel_kind(name: str) -> str:
     return "other (adds, memsets)"
 
 
-def summarise_profile(trace: str, steps: int) -> dict:
-    """Device kernel time per step from a jax.profiler trace (a folder holding one .xplane.pb, or the file):
-    by kind of kernel, and the largest kernels."""
+def summarise_profile(trace: str, steps: int = PROFILE_STEPS) -> dict:
+    """Device kernel time per step from a jax.profiler trace of `steps` steps (a folder holding one .xplane.pb,
+    or the file): by kind of kernel, and the largest kernels."""
     from jax._src.profiler import ProfileData
 
     if os.path.isdir(trace):
@@ -325,9 +319,10 @@ def summarise_profile(trace: str, steps: int) -> dict:
         if plane.name.startswith("/device:"):
             for line in plane.lines:
                 for event in line.events:
-                    kinds[kernel_kind(event.name)] += event.duration_ns / 1e6 / steps
-                    counts[kernel_kind(event.name)] += 1 / steps
-                    kernels[event.name[:120]] += event.duration_ns / 1e6 / steps
+                    kind, milliseconds = kernel_kind(event.name), event.duration_ns / 1e6 / steps
+                    kinds[kind] += milliseconds
+                    counts[kind] += 1 / steps
+                    kernels[event.name[:120]] += milliseconds
     total = sum(kinds.values())
     return {
         "trace": trace,
@@ -356,9 +351,8 @@ def device_comparison(args) -> list[dict]:
             if args.profile_dir:
                 env["JAXNETS_BENCH_PROFILE"] = os.path.join(args.profile_dir, f"{case}-{side.replace(os.sep, '_')}")
             started = time.perf_counter()
-            worker = Worker(side, case, "bf16", env, wait=False)
             try:
-                worker.ready(timeout=args.ready_timeout)
+                worker = Worker(side, case, "bf16", env, timeout=args.ready_timeout)
             except (RuntimeError, json.JSONDecodeError) as error:  # one failing side must not cost the others
                 print(f"{case} {side}: {error}", file=sys.stderr, flush=True)
                 continue
@@ -422,7 +416,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.summarise_trace:
-        summary = summarise_profile(args.summarise_trace, steps=5)
+        summary = summarise_profile(args.summarise_trace)
         for kind, row in summary["by_kind"].items():
             print(f"{kind:<50} {row['ms']:7.2f} ms  {100 * row['share']:5.1f} %  {row['kernels']:5d} kernels")
         print(f"{'all kernels':<50} {summary['kernel_ms_per_step']:7.2f} ms          {summary['kernels_per_step']:5d}")
