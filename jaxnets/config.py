@@ -24,8 +24,8 @@ def _option(default: Any, help: str, choices: tuple | None = None, *, resume: bo
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything that defines a training run. Defaults are the measured recipe of README "The default run"
-    (warm-up + cosine schedule, lr 2e-3, bf16, 4 epochs); `--schedule constant --lr 1e-3 --precision f32`
-    gives the lecture's sample program."""
+    (warm-up + cosine schedule, lr 2e-3, bf16, 4 epochs, theta weighing 4 on the lens data); `--schedule constant
+    --lr 1e-3 --precision f32 --target-weights ''` gives the lecture's sample program."""
 
     # Data
     dataset: str = _option("lens", "built-in 'lens' dataset, or any TFDS name (mnist, cifar10, ...)", resume=True)
@@ -113,6 +113,13 @@ class Config:
         "loss function (default: mse for regression, cross_entropy for classification)",
         ("mse", "l1", "cross_entropy"),
     )
+    target_weights: tuple[str, ...] | None = _option(
+        None,
+        "regression: loss weights of targets as name:weight (the rest weigh 1; an angle's on both its cos and sin), "
+        "e.g. theta:4 (default: the lens dataset's theta:4, which is what lets theta be learned; none for other "
+        "data); '' for none",
+        resume=True,
+    )
     lr: float = _option(2e-3, "Adam learning rate (the peak of warmup_cosine); the lecture's is 1e-3")
     weight_decay: float = _option(0.0, "decoupled weight decay (AdamW) when > 0")
     ema: float = _option(
@@ -188,6 +195,8 @@ class Config:
             raise ValueError(f"{path} has unknown fields {unknown}: written by another jaxnets version?")
         if "angles" not in values:
             values["angles"] = []  # saved before angles existed: its targets were all trained as plain numbers
+        if "target_weights" not in values:
+            values["target_weights"] = []  # saved before target weights existed: every target weighed 1
         try:
             return cls(**{name: _from_json(fields[name].type, value) for name, value in values.items()})
         except ValueError as error:

@@ -25,7 +25,7 @@ from jaxnets import data as data_lib
 from jaxnets.checkpoint import CHECKPOINT_DIR, Checkpointer
 from jaxnets.config import Config, format_value
 from jaxnets.data import pipeline
-from jaxnets.data.targets import TargetEncoding
+from jaxnets.data.targets import TargetEncoding, parse_weights
 from jaxnets.models import MLP, Inception3
 from jaxnets.workdir_lock import WorkdirBusy, WorkdirLock
 
@@ -98,6 +98,23 @@ def loss_function(config: Config, dataset: data_lib.Dataset) -> training.LossFn:
     if (name == "cross_entropy") != (dataset.task == "classification"):
         raise RunError(f"--loss {name} does not fit the {dataset.task} task of dataset {dataset.name!r}")
     return losses.LOSSES[name]
+
+
+def target_weights(config: Config, dataset: data_lib.Dataset) -> dict[str, float]:
+    """--target-weights as {target: weight} (default: the lens dataset's theta:4; none for other data)."""
+    declarations = config.target_weights
+    if declarations is None:
+        declarations = data_lib.lens.LOSS_WEIGHTS if dataset.name == "lens" and dataset.task == "regression" else ()
+    if not declarations:
+        return {}
+    if dataset.task != "regression":
+        raise RunError(f"--target-weights weighs regression targets; dataset {dataset.name!r} is {dataset.task}")
+    try:
+        weights = parse_weights(declarations)
+        dataset.target_encoding(standardize=False).column_weights(weights)  # checks the names
+    except ValueError as error:
+        raise RunError(f"--target-weights: {error}") from None
+    return weights
 
 
 def output_names(dataset: data_lib.Dataset) -> tuple[str, ...]:
@@ -320,7 +337,10 @@ def train_and_evaluate(config: Config) -> dict:
         raise RunError(f"--batch-size {config.batch_size} must be a multiple of the {mesh.size} devices")
     steps_per_epoch = pipeline.num_batches(dataset, "train", config.batch_size, train=True)
     pipeline.num_batches(dataset, "validation", config.batch_size, train=False)  # fails now, not after epoch 1
-    encoding = dataset.target_encoding(standardize=config.standardize) if dataset.task == "regression" else None
+    weights = target_weights(config, dataset)
+    encoding = None
+    if dataset.task == "regression":
+        encoding = dataset.target_encoding(standardize=config.standardize, weights=weights)
 
     if config.init_from and _has_checkpoint(workdir):
         config_for_model = dataclasses.replace(config, init_from=None)  # resuming: the checkpoint has the weights

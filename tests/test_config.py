@@ -100,6 +100,15 @@ def test_configs_saved_with_comma_strings_still_load(tmp_path):
     assert (loaded.hidden, loaded.head_features, loaded.targets) == ((64, 32), (), ("x", "y"))
 
 
+def test_runs_saved_before_target_weights_keep_every_target_at_weight_1(tmp_path):
+    values = json.loads(Config().to_json())
+    assert values["target_weights"] is None  # a new run: the dataset's default weights
+    del values["target_weights"]
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    assert Config.load(str(tmp_path)).target_weights == ()  # no weights, as it was trained
+    assert "target_weights" in Config.resume_fields()
+
+
 def test_load_explains_missing_or_foreign_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         Config.load(str(tmp_path))

@@ -18,6 +18,7 @@ from jaxnets import experiment, training
 from jaxnets.checkpoint import Checkpointer
 from jaxnets.config import Config
 from jaxnets.data import pipeline
+from jaxnets.data.targets import TargetEncoding
 
 
 def tiny_config(tmp_path, **changes):
@@ -33,6 +34,40 @@ def finished_run(tmp_path_factory):
     evaluated = run_script("evaluate.py", "--workdir", workdir)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     return workdir, trained.stdout, evaluated.stdout
+
+
+def test_target_weights_default_to_the_lens_datasets_and_are_checked(tmp_path):
+    config = tiny_config(tmp_path)
+    dataset = experiment.load_data(config)
+    assert experiment.target_weights(config, dataset) == {"theta": 4.0}
+    assert experiment.target_weights(dataclasses.replace(config, target_weights=()), dataset) == {}
+    sigma = dataclasses.replace(config, target_weights=("sigma:2",))
+    assert experiment.target_weights(sigma, dataset) == {"sigma": 2.0}
+    with pytest.raises(experiment.RunError, match=r"--target-weights: weights for \['sigma3'\], which are not"):
+        experiment.target_weights(dataclasses.replace(config, target_weights=("sigma3:2",)), dataset)
+    with pytest.raises(experiment.RunError, match=r"--target-weights: target weight 'theta:-4'"):
+        experiment.target_weights(dataclasses.replace(config, target_weights=("theta:-4",)), dataset)
+    classify = dataclasses.replace(config, task="classification")
+    classes = experiment.load_data(classify)
+    assert experiment.target_weights(classify, classes) == {}  # the default weighs regression targets only
+    with pytest.raises(experiment.RunError, match="--target-weights weighs regression targets; dataset 'lens' is"):
+        experiment.target_weights(dataclasses.replace(classify, target_weights=("theta:4",)), classes)
+
+
+@pytest.mark.slow
+def test_a_run_trains_and_reports_with_the_weighted_encoding(finished_run):
+    # The default run weighs theta 4: its saved encoding has theta's columns at twice the plain scale, and the
+    # report decodes the predictions with it (the tests above check the report against the CSV).
+    workdir, _, _ = finished_run
+    config = Config.load(str(workdir))
+    dataset = experiment.load_data(config)
+    template = training.TrainState.create(
+        experiment.build_model(config, dataset), experiment.build_optimizer(config, 6)
+    )
+    _, record = Checkpointer(str(workdir), read_only=True).restore(template)
+    saved, plain = TargetEncoding.from_json(record["targets"]), dataset.target_encoding()
+    np.testing.assert_allclose(saved.std, plain.std / np.array([1, 1, 1, 1, 1, 2, 2]), rtol=1e-6)
+    np.testing.assert_allclose(saved.mean, plain.mean)
 
 
 @pytest.mark.slow

@@ -1,12 +1,13 @@
 """Target encoding: angles as (cos, sin), standardisation, and back; circular errors in the reports."""
 
 import math
+import re
 
 import numpy as np
 import pytest
 
 from jaxnets import metrics
-from jaxnets.data.targets import COSMOSIM_ANGLES, TargetEncoding, parse_angles
+from jaxnets.data.targets import COSMOSIM_ANGLES, TargetEncoding, parse_angles, parse_weights
 
 
 def test_angles_round_trip_through_cos_and_sin():
@@ -48,6 +49,34 @@ def test_angle_declarations():
     for bad in ("theta", "theta:0", "theta:x", ":90"):
         with pytest.raises(ValueError, match="name:period"):
             parse_angles([bad])
+
+
+def test_target_weights_spread_over_an_angles_columns():
+    assert parse_weights(["theta:4", " x : 0.5"]) == {"theta": 4.0, "x": 0.5}
+    for bad in ("theta", "theta:0", "theta:-1", ":2", "theta:nan"):
+        with pytest.raises(ValueError, match=rf"target weight '{re.escape(bad)}': write name:weight"):
+            parse_weights([bad])
+    encoding = TargetEncoding.fit(["x", "theta", "y"], {"theta": math.pi}, None, standardize=False)
+    np.testing.assert_array_equal(encoding.column_weights({"theta": 4.0, "y": 0.5}), [1, 4, 4, 0.5])
+    assert encoding.column_weights({}).dtype == np.float32 and encoding.column_weights({}).tolist() == [1] * 4
+    with pytest.raises(ValueError, match=r"weights for \['sigma'\], which are not among the targets \['x', 'theta'"):
+        encoding.column_weights({"sigma": 2.0})
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_a_weighted_target_is_encoded_at_sqrt_weight_scale_and_decodes_back(standardize):
+    rng = np.random.default_rng(1)
+    targets = np.stack([rng.normal(5, 2, 300), rng.uniform(0, math.pi, 300)], axis=1)
+    angles = {"theta": math.pi}
+    plain = TargetEncoding.fit(["x", "theta"], angles, targets, standardize=standardize)
+    weighted = TargetEncoding.fit(["x", "theta"], angles, targets, standardize=standardize, weights={"theta": 4})
+    # theta's columns twice as large, so their squared errors weigh 4; x's unchanged.
+    np.testing.assert_allclose(weighted.encode(targets), plain.encode(targets) * [1, 2, 2], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(weighted.decode(weighted.encode(targets)), targets, rtol=1e-9, atol=1e-9)
+    restored = TargetEncoding.from_json(weighted.to_json())  # what a checkpoint keeps
+    np.testing.assert_allclose(restored.encode(targets), weighted.encode(targets), rtol=1e-6, atol=1e-6)
+    unweighted = TargetEncoding.fit(["x", "theta"], angles, targets, standardize=standardize, weights={})
+    np.testing.assert_array_equal(unweighted.encode(targets), plain.encode(targets))
 
 
 def test_circular_report_closed_forms():

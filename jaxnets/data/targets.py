@@ -20,17 +20,27 @@ COSMOSIM_ANGLES = ("theta:180", "orientation:180", "phi:360")
 
 def parse_angles(declarations: Sequence[str]) -> dict[str, float]:
     """("theta:180", "phi:360") -> {"theta": 180.0, "phi": 360.0}; ValueError naming a bad declaration."""
-    periods = {}
+    return _parse_named(declarations, "angle", "period", "theta:180")
+
+
+def parse_weights(declarations: Sequence[str]) -> dict[str, float]:
+    """Loss weights of targets: ("theta:4",) -> {"theta": 4.0}; ValueError naming a bad declaration."""
+    return _parse_named(declarations, "target weight", "weight", "theta:4")
+
+
+def _parse_named(declarations: Sequence[str], kind: str, number: str, example: str) -> dict[str, float]:
+    """("name:positive number", ...) -> {name: number}."""
+    values = {}
     for declaration in declarations:
-        name, _, period = declaration.partition(":")
+        name, _, text = declaration.partition(":")
         try:
-            value = float(period)
+            value = float(text)
         except ValueError:
             value = math.nan
         if not name.strip() or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"angle {declaration!r}: write name:period with a positive period, e.g. theta:180")
-        periods[name.strip()] = value
-    return periods
+            raise ValueError(f"{kind} {declaration!r}: write name:{number} with a positive {number}, e.g. {example}")
+        values[name.strip()] = value
+    return values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,16 +58,29 @@ class TargetEncoding:
 
     @classmethod
     def fit(
-        cls, names: Sequence[str], angles: Mapping[str, float], train_targets: np.ndarray | None, *, standardize: bool
+        cls,
+        names: Sequence[str],
+        angles: Mapping[str, float],
+        train_targets: np.ndarray | None,
+        *,
+        standardize: bool,
+        weights: Mapping[str, float] | None = None,
     ) -> TargetEncoding:
         """An encoding for targets `names` (those in `angles` are angles), standardised with the mean and std of
-        the encoded train_targets [N, P] (a constant column gets std 1). standardize=False needs no targets."""
+        the encoded train_targets [N, P] (a constant column gets std 1). standardize=False needs no targets.
+
+        weights: {name: w} (the rest 1): the target's encoded columns are multiplied by sqrt(w), so that its
+        squared errors count w times in an MSE, and its outputs are learned at that scale (decode undoes it).
+        """
         plain = cls(tuple(names), tuple(angles.get(name) for name in names))
+        scale = np.sqrt(plain.column_weights(weights or {}).astype(np.float64))
         if not standardize:
-            return plain
+            if np.all(scale == 1):
+                return plain
+            return dataclasses.replace(plain, mean=np.zeros_like(scale, np.float32), std=(1 / scale).astype(np.float32))
         encoded = plain.encode(np.asarray(train_targets, np.float64))
         mean, std = encoded.mean(axis=0), encoded.std(axis=0)
-        std = np.where(std > 0, std, 1.0)
+        std = np.where(std > 0, std, 1.0) / scale
         return dataclasses.replace(plain, mean=mean.astype(np.float32), std=std.astype(np.float32))
 
     @classmethod
@@ -82,6 +105,21 @@ class TargetEncoding:
             column
             for name, period in zip(self.names, self.periods, strict=True)
             for column in ((name,) if period is None else (f"{name} cos", f"{name} sin"))
+        )
+
+    def column_weights(self, weights: Mapping[str, float]) -> np.ndarray:
+        """Per-target weights ({name: weight}, 1 for the rest) as float32 [W]: an angle's weight on both its
+        columns. ValueError for a name that is not a target."""
+        unknown = sorted(set(weights) - set(self.names))
+        if unknown:
+            raise ValueError(f"weights for {unknown}, which are not among the targets {list(self.names)}")
+        return np.array(
+            [
+                weights.get(name, 1.0)
+                for name, period in zip(self.names, self.periods, strict=True)
+                for _ in range(1 if period is None else 2)
+            ],
+            np.float32,
         )
 
     def encode(self, targets: np.ndarray) -> np.ndarray:
