@@ -120,6 +120,13 @@ class Config:
         "data); '' for none",
         resume=True,
     )
+    angle_axes: tuple[str, ...] | None = _option(
+        None,
+        "regression: angles of an ellipse's axis, as angle:minor/major (targets), trained as ellipticity "
+        "(1 - minor/major) times (cos, sin), so round ellipses ask for no direction (default: the lens dataset's "
+        "theta:sigma2/sigma; none for other data); '' for none",
+        resume=True,
+    )
     lr: float = _option(2e-3, "Adam learning rate (the peak of warmup_cosine); the lecture's is 1e-3")
     weight_decay: float = _option(0.0, "decoupled weight decay (AdamW) when > 0")
     ema: float = _option(
@@ -197,6 +204,8 @@ class Config:
             values["angles"] = []  # saved before angles existed: its targets were all trained as plain numbers
         if "target_weights" not in values:
             values["target_weights"] = []  # saved before target weights existed: every target weighed 1
+        if "angle_axes" not in values:
+            values["angle_axes"] = []  # saved before angle axes existed: angles as plain (cos, sin)
         try:
             return cls(**{name: _from_json(fields[name].type, value) for name, value in values.items()})
         except ValueError as error:

@@ -25,7 +25,7 @@ from jaxnets import data as data_lib
 from jaxnets.checkpoint import CHECKPOINT_DIR, Checkpointer
 from jaxnets.config import Config, format_value
 from jaxnets.data import pipeline
-from jaxnets.data.targets import TargetEncoding, parse_weights
+from jaxnets.data.targets import TargetEncoding, parse_axis_ratios, parse_weights
 from jaxnets.models import MLP, Inception3
 from jaxnets.workdir_lock import WorkdirBusy, WorkdirLock
 
@@ -115,6 +115,25 @@ def target_weights(config: Config, dataset: data_lib.Dataset) -> dict[str, float
     except ValueError as error:
         raise RunError(f"--target-weights: {error}") from None
     return weights
+
+
+def angle_axes(config: Config, dataset: data_lib.Dataset) -> dict[str, tuple[str, str]]:
+    """--angle-axes as {angle: (minor, major)} (default: the lens dataset's theta:sigma2/sigma when its targets
+    include all three; none for other data)."""
+    declarations = config.angle_axes
+    if declarations is None:
+        wanted = {"theta", "sigma", "sigma2"} <= set(dataset.target_names) and "theta" in dataset.angles
+        declarations = data_lib.lens.ANGLE_AXES if dataset.name == "lens" and wanted else ()
+    if not declarations:
+        return {}
+    if dataset.task != "regression":
+        raise RunError(f"--angle-axes applies to regression targets; dataset {dataset.name!r} is {dataset.task}")
+    try:
+        axes = parse_axis_ratios(declarations)
+        dataset.target_encoding(standardize=False, axis_ratios=axes)  # checks the names
+    except ValueError as error:
+        raise RunError(f"--angle-axes: {error}") from None
+    return axes
 
 
 def output_names(dataset: data_lib.Dataset) -> tuple[str, ...]:
@@ -337,10 +356,10 @@ def train_and_evaluate(config: Config) -> dict:
         raise RunError(f"--batch-size {config.batch_size} must be a multiple of the {mesh.size} devices")
     steps_per_epoch = pipeline.num_batches(dataset, "train", config.batch_size, train=True)
     pipeline.num_batches(dataset, "validation", config.batch_size, train=False)  # fails now, not after epoch 1
-    weights = target_weights(config, dataset)
+    weights, axes = target_weights(config, dataset), angle_axes(config, dataset)
     encoding = None
     if dataset.task == "regression":
-        encoding = dataset.target_encoding(standardize=config.standardize, weights=weights)
+        encoding = dataset.target_encoding(standardize=config.standardize, weights=weights, axis_ratios=axes)
 
     if config.init_from and _has_checkpoint(workdir):
         config_for_model = dataclasses.replace(config, init_from=None)  # resuming: the checkpoint has the weights

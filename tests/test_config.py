@@ -100,13 +100,15 @@ def test_configs_saved_with_comma_strings_still_load(tmp_path):
     assert (loaded.hidden, loaded.head_features, loaded.targets) == ((64, 32), (), ("x", "y"))
 
 
-def test_runs_saved_before_target_weights_keep_every_target_at_weight_1(tmp_path):
+def test_runs_saved_before_target_weights_and_angle_axes_keep_their_encoding(tmp_path):
     values = json.loads(Config().to_json())
-    assert values["target_weights"] is None  # a new run: the dataset's default weights
+    assert values["target_weights"] is None and values["angle_axes"] is None  # a new run: the dataset's defaults
     del values["target_weights"]
+    del values["angle_axes"]
     (tmp_path / "config.json").write_text(json.dumps(values))
     assert Config.load(str(tmp_path)).target_weights == ()  # no weights, as it was trained
-    assert "target_weights" in Config.resume_fields()
+    assert Config.load(str(tmp_path)).angle_axes == ()  # and angles as plain (cos, sin)
+    assert {"target_weights", "angle_axes"} <= set(Config.resume_fields())
 
 
 def test_load_explains_missing_or_foreign_files(tmp_path):

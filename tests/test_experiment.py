@@ -54,6 +54,19 @@ def test_target_weights_default_to_the_lens_datasets_and_are_checked(tmp_path):
         experiment.target_weights(dataclasses.replace(classify, target_weights=("theta:4",)), classes)
 
 
+def test_angle_axes_default_to_the_lens_datasets_and_are_checked(tmp_path):
+    config = tiny_config(tmp_path)
+    dataset = experiment.load_data(config)
+    assert experiment.angle_axes(config, dataset) == {"theta": ("sigma2", "sigma")}
+    assert experiment.angle_axes(dataclasses.replace(config, angle_axes=()), dataset) == {}
+    no_sigma2 = dataclasses.replace(config, targets=("x", "sigma", "theta"))
+    assert experiment.angle_axes(no_sigma2, experiment.load_data(no_sigma2)) == {}  # the default needs its targets
+    with pytest.raises(experiment.RunError, match=r"--angle-axes: angle axes theta:y/sigma3: theta must be an angle"):
+        experiment.angle_axes(dataclasses.replace(config, angle_axes=("theta:y/sigma3",)), dataset)
+    with pytest.raises(experiment.RunError, match=r"--angle-axes: angle axes 'theta': write angle:minor/major"):
+        experiment.angle_axes(dataclasses.replace(config, angle_axes=("theta",)), dataset)
+
+
 @pytest.mark.slow
 def test_a_run_trains_and_reports_with_the_weighted_encoding(finished_run):
     # The default run weighs theta 4: its saved encoding has theta's columns at twice the plain scale, and the
@@ -66,8 +79,11 @@ def test_a_run_trains_and_reports_with_the_weighted_encoding(finished_run):
     )
     _, record = Checkpointer(str(workdir), read_only=True).restore(template)
     saved, plain = TargetEncoding.from_json(record["targets"]), dataset.target_encoding()
-    np.testing.assert_allclose(saved.std, plain.std / np.array([1, 1, 1, 1, 1, 2, 2]), rtol=1e-6)
-    np.testing.assert_allclose(saved.mean, plain.mean)
+    assert saved.axis_ratios == (("theta", "sigma2", "sigma"),)
+    ellipses = dataset.target_encoding(axis_ratios={"theta": ("sigma2", "sigma")})
+    np.testing.assert_allclose(saved.std, ellipses.std / np.array([1, 1, 1, 1, 1, 2, 2]), rtol=1e-6)
+    np.testing.assert_allclose(saved.mean, ellipses.mean)
+    assert not np.allclose(ellipses.std[-2:], plain.std[-2:])  # the ellipticity changed theta's columns
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxnets import metrics
-from jaxnets.data.targets import COSMOSIM_ANGLES, TargetEncoding, parse_angles, parse_weights
+from jaxnets.data.targets import COSMOSIM_ANGLES, TargetEncoding, parse_angles, parse_axis_ratios, parse_weights
 
 
 def test_angles_round_trip_through_cos_and_sin():
@@ -77,6 +77,33 @@ def test_a_weighted_target_is_encoded_at_sqrt_weight_scale_and_decodes_back(stan
     np.testing.assert_allclose(restored.encode(targets), weighted.encode(targets), rtol=1e-6, atol=1e-6)
     unweighted = TargetEncoding.fit(["x", "theta"], angles, targets, standardize=standardize, weights={})
     np.testing.assert_array_equal(unweighted.encode(targets), plain.encode(targets))
+
+
+def test_an_ellipses_angle_is_encoded_as_its_ellipticity_times_cos_and_sin():
+    assert parse_axis_ratios(["theta:sigma2/sigma"]) == {"theta": ("sigma2", "sigma")}
+    for bad in ("theta", "theta:sigma2", "theta:/sigma", ":a/b"):
+        with pytest.raises(ValueError, match="write angle:minor/major"):
+            parse_axis_ratios([bad])
+    names, angles, axes = ["sigma", "sigma2", "theta"], {"theta": math.pi}, {"theta": ("sigma2", "sigma")}
+    # Round (ratio 1), ratio 0.5 and ratio 0.25 ellipses at theta = pi/8, and a zero row (batch padding).
+    targets = np.array([[4.0, 4.0, math.pi / 8], [4.0, 2.0, math.pi / 8], [4.0, 1.0, math.pi / 8], [0, 0, 0]])
+    encoding = TargetEncoding.fit(names, angles, None, standardize=False, axis_ratios=axes)
+    half = math.sqrt(0.5)  # cos and sin of 2 pi/8
+    expected = [[4, 4, 0, 0], [4, 2, 0.5 * half, 0.5 * half], [4, 1, 0.75 * half, 0.75 * half], [0, 0, 0, 0]]
+    np.testing.assert_allclose(encoding.encode(targets), expected, atol=1e-12)
+    np.testing.assert_allclose(encoding.decode(encoding.encode(targets))[1:3], targets[1:3], atol=1e-12)
+    restored = TargetEncoding.from_json(encoding.to_json())
+    np.testing.assert_allclose(restored.encode(targets), expected, atol=1e-12)
+    assert TargetEncoding.from_json({**encoding.to_json(), "axis_ratios": None}).axis_ratios == ()  # saved before
+    rng = np.random.default_rng(2)
+    sigma = rng.uniform(2, 6, 400)
+    train = np.stack([sigma, sigma * rng.uniform(0.5, 1, 400), rng.uniform(0, math.pi, 400)], axis=1)
+    standardised = TargetEncoding.fit(names, angles, train, standardize=True, axis_ratios=axes, weights={"theta": 4})
+    np.testing.assert_allclose(standardised.decode(standardised.encode(train))[:, 2], train[:, 2], atol=1e-9)
+    with pytest.raises(ValueError, match=r"angle axes theta:sigma3/sigma: theta must be an angle and sigma3, sigma"):
+        TargetEncoding.fit(names, angles, None, standardize=False, axis_ratios={"theta": ("sigma3", "sigma")})
+    with pytest.raises(ValueError, match=r"angle axes sigma:sigma2/sigma: sigma must be an angle"):
+        TargetEncoding.fit(names, angles, None, standardize=False, axis_ratios={"sigma": ("sigma2", "sigma")})
 
 
 def test_circular_report_closed_forms():

@@ -149,15 +149,22 @@ class Dataset:
     _cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def target_encoding(
-        self, *, standardize: bool = True, weights: Mapping[str, float] | None = None
+        self,
+        *,
+        standardize: bool = True,
+        weights: Mapping[str, float] | None = None,
+        axis_ratios: Mapping[str, tuple[str, str]] | None = None,
     ) -> TargetEncoding:
-        """How the targets are trained: angles (self.angles, name -> period) as cos/sin pairs, every column
-        standardised with the train split's statistics when standardize is True, and weighted targets' columns
-        scaled by sqrt(weight) (TargetEncoding.fit)."""
+        """How the targets are trained: angles (self.angles, name -> period) as cos/sin pairs (times their
+        ellipse's ellipticity for those in axis_ratios), every column standardised with the train split's
+        statistics when standardize is True, and weighted targets' columns scaled by sqrt(weight)
+        (TargetEncoding.fit)."""
         if self.task != "regression":
             raise ValueError(f"target_encoding() is for regression; {self.name} is a {self.task} dataset")
         train = self._train_targets("target_encoding()") if standardize else None
-        return TargetEncoding.fit(self.target_names, self.angles, train, standardize=standardize, weights=weights)
+        return TargetEncoding.fit(
+            self.target_names, self.angles, train, standardize=standardize, weights=weights, axis_ratios=axis_ratios
+        )
 
     def target_stats(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-target mean and standard deviation over the train split: float32 [P] each (angles as plain numbers).

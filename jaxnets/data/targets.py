@@ -28,6 +28,19 @@ def parse_weights(declarations: Sequence[str]) -> dict[str, float]:
     return _parse_named(declarations, "target weight", "weight", "theta:4")
 
 
+def parse_axis_ratios(declarations: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """("theta:sigma2/sigma",) -> {"theta": ("sigma2", "sigma")}: the angle of an ellipse's axis and the targets
+    holding its minor and major axes. ValueError naming a bad declaration."""
+    ratios = {}
+    for declaration in declarations:
+        name, _, axes = declaration.partition(":")
+        minor, _, major = axes.partition("/")
+        if not (name.strip() and minor.strip() and major.strip()):
+            raise ValueError(f"angle axes {declaration!r}: write angle:minor/major, e.g. theta:sigma2/sigma")
+        ratios[name.strip()] = (minor.strip(), major.strip())
+    return ratios
+
+
 def _parse_named(declarations: Sequence[str], kind: str, number: str, example: str) -> dict[str, float]:
     """("name:positive number", ...) -> {name: number}."""
     values = {}
@@ -55,6 +68,7 @@ class TargetEncoding:
     periods: tuple[float | None, ...]
     mean: np.ndarray | None = None
     std: np.ndarray | None = None
+    axis_ratios: tuple[tuple[str, str, str], ...] = ()  # (angle, minor, major): see fit
 
     @classmethod
     def fit(
@@ -65,14 +79,25 @@ class TargetEncoding:
         *,
         standardize: bool,
         weights: Mapping[str, float] | None = None,
+        axis_ratios: Mapping[str, tuple[str, str]] | None = None,
     ) -> TargetEncoding:
         """An encoding for targets `names` (those in `angles` are angles), standardised with the mean and std of
         the encoded train_targets [N, P] (a constant column gets std 1). standardize=False needs no targets.
 
         weights: {name: w} (the rest 1): the target's encoded columns are multiplied by sqrt(w), so that its
         squared errors count w times in an MSE, and its outputs are learned at that scale (decode undoes it).
+        axis_ratios: {angle: (minor, major)}: the angle of an ellipse's axis is encoded as its ellipticity times
+        (cos, sin), 1 - |minor/major| times them, so a round ellipse asks for (0, 0) rather than a direction it
+        does not have; decode is unchanged (atan2 ignores the length). ValueError for names that are not targets.
         """
-        plain = cls(tuple(names), tuple(angles.get(name) for name in names))
+        ratios = tuple((angle, *axes) for angle, axes in (axis_ratios or {}).items())
+        for angle, minor, major in ratios:
+            if angle not in angles or angle not in names or minor not in names or major not in names:
+                raise ValueError(
+                    f"angle axes {angle}:{minor}/{major}: {angle} must be an angle and {minor}, {major} targets "
+                    f"among {list(names)}"
+                )
+        plain = cls(tuple(names), tuple(angles.get(name) for name in names), axis_ratios=ratios)
         scale = np.sqrt(plain.column_weights(weights or {}).astype(np.float64))
         if not standardize:
             if np.all(scale == 1):
@@ -135,9 +160,19 @@ class TargetEncoding:
                 turn = value * dtype(2 * math.pi / period)
                 columns += [np.cos(turn), np.sin(turn)]
         encoded = np.stack(columns, axis=-1).astype(dtype)
+        for angle, minor, major in self.axis_ratios:
+            cos_column = self.encoded_names.index(f"{angle} cos")
+            encoded[..., cos_column : cos_column + 2] *= self._ellipticity(targets, minor, major, dtype)[..., None]
         if self.mean is not None:
             encoded = (encoded - self.mean.astype(dtype)) / self.std.astype(dtype)
         return encoded
+
+    def _ellipticity(self, targets: np.ndarray, minor: str, major: str, dtype: type) -> np.ndarray:
+        """1 - |minor / major| per row, clipped to [0, 1]; 0 where major is 0 (e.g. the zero rows that pad a batch)."""
+        minor_values = targets[..., self.names.index(minor)].astype(dtype)
+        major_values = targets[..., self.names.index(major)].astype(dtype)
+        safe = np.where(major_values != 0, major_values, 1)
+        return np.where(major_values != 0, np.clip(1 - np.abs(minor_values / safe), 0, 1), 0).astype(dtype)
 
     def decode(self, encoded: np.ndarray) -> np.ndarray:
         """encoded [..., W] (network outputs) -> targets [..., P]; angles in [0, period)."""
@@ -161,6 +196,7 @@ class TargetEncoding:
             "periods": list(self.periods),
             "mean": None if self.mean is None else self.mean.tolist(),
             "std": None if self.std is None else self.std.tolist(),
+            "axis_ratios": [list(ratio) for ratio in self.axis_ratios],
         }
 
     @classmethod
@@ -171,4 +207,5 @@ class TargetEncoding:
             tuple(value["periods"]),
             None if mean is None else np.asarray(mean, np.float32),
             None if std is None else np.asarray(std, np.float32),
+            tuple(tuple(ratio) for ratio in value.get("axis_ratios") or ()),  # none in encodings saved before
         )
