@@ -24,8 +24,9 @@ def _option(default: Any, help: str, choices: tuple | None = None, *, resume: bo
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything that defines a training run. Defaults are the measured recipe of README "The default run"
-    (warm-up + cosine schedule, lr 2e-3, bf16, 4 epochs, theta weighing 4 on the lens data); `--schedule constant
-    --lr 1e-3 --precision f32 --target-weights ''` gives the lecture's sample program."""
+    (warm-up + cosine schedule, lr 2e-3, bf16, 4 epochs; on the lens data theta as ellipticity x (cos, sin),
+    weighing 4); `--schedule constant --lr 1e-3 --precision f32 --target-weights '' --angle-axes ''` gives the
+    lecture's sample program."""
 
     # Data
     dataset: str = _option("lens", "built-in 'lens' dataset, or any TFDS name (mnist, cifar10, ...)", resume=True)
