@@ -104,7 +104,8 @@ def target_weights(config: Config, dataset: data_lib.Dataset) -> dict[str, float
     """--target-weights as {target: weight} (default: the lens dataset's theta:4; none for other data)."""
     declarations = config.target_weights
     if declarations is None:
-        declarations = data_lib.lens.LOSS_WEIGHTS if dataset.name == "lens" and dataset.task == "regression" else ()
+        wanted = dataset.task == "regression" and "theta" in dataset.target_names
+        declarations = data_lib.lens.LOSS_WEIGHTS if dataset.name == "lens" and wanted else ()
     if not declarations:
         return {}
     if dataset.task != "regression":

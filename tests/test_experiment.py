@@ -41,6 +41,8 @@ def test_target_weights_default_to_the_lens_datasets_and_are_checked(tmp_path):
     dataset = experiment.load_data(config)
     assert experiment.target_weights(config, dataset) == {"theta": 4.0}
     assert experiment.target_weights(dataclasses.replace(config, target_weights=()), dataset) == {}
+    no_theta = dataclasses.replace(config, targets=("x", "y"))
+    assert experiment.target_weights(no_theta, experiment.load_data(no_theta)) == {}  # the default needs theta
     sigma = dataclasses.replace(config, target_weights=("sigma:2",))
     assert experiment.target_weights(sigma, dataset) == {"sigma": 2.0}
     with pytest.raises(experiment.RunError, match=r"--target-weights: weights for \['sigma3'\], which are not"):
