@@ -101,40 +101,43 @@ def loss_function(config: Config, dataset: data_lib.Dataset) -> training.LossFn:
 
 
 def target_weights(config: Config, dataset: data_lib.Dataset) -> dict[str, float]:
-    """--target-weights as {target: weight} (default: the lens dataset's theta:4; none for other data)."""
-    declarations = config.target_weights
-    if declarations is None:
-        wanted = dataset.task == "regression" and "theta" in dataset.target_names
-        declarations = data_lib.lens.LOSS_WEIGHTS if dataset.name == "lens" and wanted else ()
-    if not declarations:
-        return {}
-    if dataset.task != "regression":
-        raise RunError(f"--target-weights weighs regression targets; dataset {dataset.name!r} is {dataset.task}")
-    try:
-        weights = parse_weights(declarations)
-        dataset.target_encoding(standardize=False).column_weights(weights)  # checks the names
-    except ValueError as error:
-        raise RunError(f"--target-weights: {error}") from None
-    return weights
+    """--target-weights as {target: weight} (default: the lens dataset's theta:4 when theta is a target; none for
+    other data)."""
+    lens_default = data_lib.lens.LOSS_WEIGHTS if "theta" in dataset.target_names else ()
+    return _target_option("--target-weights", config.target_weights, lens_default, dataset, parse_weights, "weights")
 
 
 def angle_axes(config: Config, dataset: data_lib.Dataset) -> dict[str, tuple[str, str]]:
     """--angle-axes as {angle: (minor, major)} (default: the lens dataset's theta:sigma2/sigma when its targets
     include all three; none for other data)."""
-    declarations = config.angle_axes
-    if declarations is None:
-        wanted = {"theta", "sigma", "sigma2"} <= set(dataset.target_names) and "theta" in dataset.angles
-        declarations = data_lib.lens.ANGLE_AXES if dataset.name == "lens" and wanted else ()
-    if not declarations:
+    wanted = {"theta", "sigma", "sigma2"} <= set(dataset.target_names) and "theta" in dataset.angles
+    lens_default = data_lib.lens.ANGLE_AXES if wanted else ()
+    return _target_option("--angle-axes", config.angle_axes, lens_default, dataset, parse_axis_ratios, "axis_ratios")
+
+
+def _target_option(
+    flag: str,
+    declared: tuple[str, ...] | None,
+    lens_default: tuple[str, ...],
+    dataset: data_lib.Dataset,
+    parse: Callable[[tuple[str, ...]], dict],
+    encoding_argument: str,
+) -> dict:
+    """An option on the regression targets, parsed and checked against them by Dataset.target_encoding's
+    encoding_argument. declared None: lens_default on the lens dataset's regression, none for other data.
+    RunError naming flag for a bad declaration or one on a classification run."""
+    if declared is None:
+        declared = lens_default if dataset.name == "lens" and dataset.task == "regression" else ()
+    if not declared:
         return {}
     if dataset.task != "regression":
-        raise RunError(f"--angle-axes applies to regression targets; dataset {dataset.name!r} is {dataset.task}")
+        raise RunError(f"{flag} applies to regression targets; dataset {dataset.name!r} is {dataset.task}")
     try:
-        axes = parse_axis_ratios(declarations)
-        dataset.target_encoding(standardize=False, axis_ratios=axes)  # checks the names
+        parsed = parse(declared)
+        dataset.target_encoding(standardize=False, **{encoding_argument: parsed})  # checks the names
     except ValueError as error:
-        raise RunError(f"--angle-axes: {error}") from None
-    return axes
+        raise RunError(f"{flag}: {error}") from None
+    return parsed
 
 
 def output_names(dataset: data_lib.Dataset) -> tuple[str, ...]:

@@ -52,7 +52,7 @@ def test_target_weights_default_to_the_lens_datasets_and_are_checked(tmp_path):
     classify = dataclasses.replace(config, task="classification")
     classes = experiment.load_data(classify)
     assert experiment.target_weights(classify, classes) == {}  # the default weighs regression targets only
-    with pytest.raises(experiment.RunError, match="--target-weights weighs regression targets; dataset 'lens' is"):
+    with pytest.raises(experiment.RunError, match="--target-weights applies to regression targets; dataset 'lens' is"):
         experiment.target_weights(dataclasses.replace(classify, target_weights=("theta:4",)), classes)
 
 
