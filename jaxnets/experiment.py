@@ -160,10 +160,20 @@ def build_model(config: Config, dataset: data_lib.Dataset) -> nnx.Module:
     rngs = nnx.Rngs(config.seed)
     if config.model == "mlp":
         return MLP(height * width * channels, config.hidden, outputs, dtype=dtype, rngs=rngs)
-    kwargs = dict(aux_logits=config.aux_logits, dropout=config.dropout, head_features=config.head_features, dtype=dtype)
+    kwargs = dict(
+        aux_logits=config.aux_logits, dropout=dropout(config, dataset), head_features=config.head_features, dtype=dtype
+    )
     if config.init_from:
         return _from_torch(config, dataset, kwargs, rngs)
     return Inception3(outputs, in_channels=channels, **kwargs, rngs=rngs)
+
+
+def dropout(config: Config, dataset: data_lib.Dataset) -> float:
+    """--dropout, by default 0 for regression (it would add noise to the outputs being fitted) and torchvision's
+    0.5 for classification."""
+    if config.dropout is not None:
+        return config.dropout
+    return 0.5 if dataset.task == "classification" else 0.0
 
 
 def _from_torch(config: Config, dataset: data_lib.Dataset, kwargs: dict, rngs: nnx.Rngs) -> Inception3:

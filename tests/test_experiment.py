@@ -69,6 +69,16 @@ def test_angle_axes_default_to_the_lens_datasets_and_are_checked(tmp_path):
         experiment.angle_axes(dataclasses.replace(config, angle_axes=("theta",)), dataset)
 
 
+def test_dropout_defaults_to_none_for_regression_and_torchvisions_for_classification(tmp_path):
+    config = tiny_config(tmp_path, model="inception3", image_size=75)
+    dataset = experiment.load_data(config)
+    assert experiment.dropout(config, dataset) == 0.0  # noise on the fitted outputs themselves
+    assert experiment.build_model(config, dataset).dropout.rate == 0.0
+    assert experiment.dropout(dataclasses.replace(config, dropout=0.3), dataset) == 0.3
+    classify = dataclasses.replace(config, task="classification")
+    assert experiment.dropout(classify, experiment.load_data(classify)) == 0.5
+
+
 @pytest.mark.slow
 def test_a_run_trains_and_reports_with_the_weighted_encoding(finished_run):
     # The default run weighs theta 4: its saved encoding has theta's columns at twice the plain scale, and the
