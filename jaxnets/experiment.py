@@ -101,7 +101,7 @@ def loss_function(config: Config, dataset: data_lib.Dataset) -> training.LossFn:
 
 
 def target_weights(config: Config, dataset: data_lib.Dataset) -> dict[str, float]:
-    """--target-weights as {target: weight} (default: the lens dataset's theta:4 when theta is a target; none for
+    """--target-weights as {target: weight} (default: the lens dataset's theta:2 when theta is a target; none for
     other data)."""
     lens_default = data_lib.lens.LOSS_WEIGHTS if "theta" in dataset.target_names else ()
     return _target_option("--target-weights", config.target_weights, lens_default, dataset, parse_weights, "weights")

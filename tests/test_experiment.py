@@ -17,8 +17,8 @@ from conftest import TINY, cli_args, run_script
 from jaxnets import experiment, training
 from jaxnets.checkpoint import Checkpointer
 from jaxnets.config import Config
-from jaxnets.data import pipeline
-from jaxnets.data.targets import TargetEncoding
+from jaxnets.data import lens, pipeline
+from jaxnets.data.targets import TargetEncoding, parse_weights
 
 
 def tiny_config(tmp_path, **changes):
@@ -39,7 +39,7 @@ def finished_run(tmp_path_factory):
 def test_target_weights_default_to_the_lens_datasets_and_are_checked(tmp_path):
     config = tiny_config(tmp_path)
     dataset = experiment.load_data(config)
-    assert experiment.target_weights(config, dataset) == {"theta": 4.0}
+    assert experiment.target_weights(config, dataset) == parse_weights(lens.LOSS_WEIGHTS) == {"theta": 2.0}
     assert experiment.target_weights(dataclasses.replace(config, target_weights=()), dataset) == {}
     no_theta = dataclasses.replace(config, targets=("x", "y"))
     assert experiment.target_weights(no_theta, experiment.load_data(no_theta)) == {}  # the default needs theta
@@ -81,8 +81,9 @@ def test_dropout_defaults_to_none_for_regression_and_torchvisions_for_classifica
 
 @pytest.mark.slow
 def test_a_run_trains_and_reports_with_the_weighted_encoding(finished_run):
-    # The default run weighs theta 4: its saved encoding has theta's columns at twice the plain scale, and the
-    # report decodes the predictions with it (the tests above check the report against the CSV).
+    # The default run weighs theta (lens.LOSS_WEIGHTS): its saved encoding has theta's columns at sqrt(weight) times
+    # the plain scale, and the report decodes the predictions with it (the tests above check the report against
+    # the CSV).
     workdir, _, _ = finished_run
     config = Config.load(str(workdir))
     dataset = experiment.load_data(config)
@@ -93,7 +94,8 @@ def test_a_run_trains_and_reports_with_the_weighted_encoding(finished_run):
     saved, plain = TargetEncoding.from_json(record["targets"]), dataset.target_encoding()
     assert saved.axis_ratios == (("theta", "sigma2", "sigma"),)
     ellipses = dataset.target_encoding(axis_ratios={"theta": ("sigma2", "sigma")})
-    np.testing.assert_allclose(saved.std, ellipses.std / np.array([1, 1, 1, 1, 1, 2, 2]), rtol=1e-6)
+    scale = np.sqrt(parse_weights(lens.LOSS_WEIGHTS)["theta"])
+    np.testing.assert_allclose(saved.std, ellipses.std / np.array([1, 1, 1, 1, 1, scale, scale]), rtol=1e-6)
     np.testing.assert_allclose(saved.mean, ellipses.mean)
     assert not np.allclose(ellipses.std[-2:], plain.std[-2:])  # the ellipticity changed theta's columns
 
