@@ -116,8 +116,9 @@ class Config:
     # Optimisation
     loss: str | None = _option(
         None,
-        "loss function (default: mse for regression, cross_entropy for classification)",
-        ("mse", "l1", "cross_entropy"),
+        "loss function (default: cross_entropy for classification; for regression mse, or huber when the targets "
+        "include CosmoSim's roulette amplitudes, whose heavy tails would dominate mse)",
+        ("mse", "l1", "huber", "cross_entropy"),
     )
     target_weights: tuple[str, ...] | None = _option(
         None,

@@ -1,11 +1,12 @@
-"""Loss functions: mean squared error, mean absolute error and cross-entropy.
+"""Loss functions: mean squared error, mean absolute error, Huber and cross-entropy.
 
-Each returns the mean over the unmasked examples, as PyTorch's MSELoss, L1Loss and
+Each returns the mean over the unmasked examples, as PyTorch's MSELoss, L1Loss, HuberLoss and
 CrossEntropyLoss do with reduction='mean'; a mask of 0 leaves padded rows out of sum and count.
 """
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.typing import ArrayLike
 
 
@@ -55,6 +56,19 @@ def l1(predictions: ArrayLike, targets: ArrayLike, mask: ArrayLike | None = None
     return _masked_mean(_per_example(jnp.abs(predictions - targets)), mask)
 
 
+def huber(predictions: ArrayLike, targets: ArrayLike, mask: ArrayLike | None = None) -> jax.Array:
+    """Huber loss with delta 1, as torch.nn.HuberLoss(): per element e = predictions - targets,
+    L = mean(e^2 / 2 where |e| <= 1, else |e| - 1/2).
+
+    Shapes as in mse. Quadratic near 0 like MSE, linear in the tails like L1: an error of 30 pulls with 1, not 30,
+    so a few outlying targets (the roulette amplitudes near a critical curve, standardised) cannot take over a
+    batch's gradient. (optax.losses.huber_loss per element.)
+    """
+    predictions, targets = jnp.asarray(predictions), jnp.asarray(targets)
+    _check_same_shape(predictions, targets)
+    return _masked_mean(_per_example(optax.losses.huber_loss(predictions, targets, delta=1.0)), mask)
+
+
 def cross_entropy(logits: ArrayLike, labels: ArrayLike, mask: ArrayLike | None = None) -> jax.Array:
     """Cross-entropy of integer labels: L = -mean(log(exp(x_y) / sum_i exp(x_i))).
 
@@ -76,4 +90,4 @@ def cross_entropy(logits: ArrayLike, labels: ArrayLike, mask: ArrayLike | None =
     return _masked_mean(per_example, mask)
 
 
-LOSSES = {"mse": mse, "l1": l1, "cross_entropy": cross_entropy}
+LOSSES = {"mse": mse, "l1": l1, "huber": huber, "cross_entropy": cross_entropy}

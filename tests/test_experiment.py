@@ -14,10 +14,10 @@ import optax
 import pytest
 
 from conftest import TINY, cli_args, run_script
-from jaxnets import experiment, training
+from jaxnets import experiment, losses, training
 from jaxnets.checkpoint import Checkpointer
 from jaxnets.config import Config
-from jaxnets.data import lens, pipeline
+from jaxnets.data import Dataset, lens, pipeline
 from jaxnets.data.targets import TargetEncoding, parse_weights
 
 
@@ -77,6 +77,18 @@ def test_dropout_defaults_to_none_for_regression_and_torchvisions_for_classifica
     assert experiment.dropout(dataclasses.replace(config, dropout=0.3), dataset) == 0.3
     classify = dataclasses.replace(config, task="classification")
     assert experiment.dropout(classify, experiment.load_data(classify)) == 0.5
+
+
+def test_the_loss_defaults_to_huber_for_roulette_amplitudes_only():
+    def dataset(*targets: str, task: str = "regression") -> Dataset:
+        return Dataset(name="csv-problem", task=task, splits={}, image_shape=(8, 8, 1), target_names=targets)
+
+    config = Config()
+    assert experiment.loss_function(config, dataset("sigma", "xiX", "alpha[0][1]", "beta[2][3]")) is losses.huber
+    assert experiment.loss_function(config, dataset("sigma", "xiX", "alpha", "beta2")) is losses.mse
+    assert experiment.loss_function(config, dataset("lens", "point", task="classification")) is losses.cross_entropy
+    explicit = dataclasses.replace(config, loss="mse")
+    assert experiment.loss_function(explicit, dataset("alpha[0][1]")) is losses.mse
 
 
 @pytest.mark.slow

@@ -11,6 +11,15 @@ def test_mse_and_l1_closed_form():
     targets = jnp.array([[1.0, 0.0], [0.0, 4.0]])
     assert float(losses.mse(predictions, targets)) == pytest.approx((4 + 9) / 4)
     assert float(losses.l1(predictions, targets)) == pytest.approx((2 + 3) / 4)
+    # Errors 0, 2, 3, 0: beyond delta 1 the Huber loss is |e| - 1/2.
+    assert float(losses.huber(predictions, targets)) == pytest.approx((1.5 + 2.5) / 4)
+    assert float(losses.huber(jnp.array([0.5]), jnp.array([0.0]))) == pytest.approx(0.125)
+
+
+def test_huber_bounds_the_pull_of_an_outlier():
+    predictions, targets = jnp.zeros((2, 1)), jnp.array([[0.5], [30.0]])
+    np.testing.assert_allclose(jax.grad(losses.huber)(predictions, targets), [[-0.25], [-0.5]])
+    np.testing.assert_allclose(jax.grad(losses.mse)(predictions, targets), [[-0.5], [-30.0]])
 
 
 def test_cross_entropy_hand_computed():
@@ -26,7 +35,7 @@ def test_cross_entropy_finite_for_huge_logits():
     assert np.all(np.isfinite(jax.grad(losses.cross_entropy)(logits, jnp.array([1, 1]))))
 
 
-@pytest.mark.parametrize("name", ["mse", "l1", "cross_entropy"])
+@pytest.mark.parametrize("name", ["mse", "l1", "huber", "cross_entropy"])
 def test_mask_ignores_padded_rows(name):
     rng = np.random.default_rng(0)
     loss_fn = losses.LOSSES[name]
@@ -49,17 +58,22 @@ def test_all_padding_batch_gives_zero_not_nan():
     assert float(loss) == 0.0
 
 
-@pytest.mark.parametrize("name", ["mse", "l1", "cross_entropy"])
+@pytest.mark.parametrize("name", ["mse", "l1", "huber", "cross_entropy"])
 def test_parity_with_torch_values_and_gradients(torch, name):
     functional = torch.nn.functional
-    torch_fn = {"mse": functional.mse_loss, "l1": functional.l1_loss, "cross_entropy": functional.cross_entropy}[name]
+    torch_fn = {
+        "mse": functional.mse_loss,
+        "l1": functional.l1_loss,
+        "huber": functional.huber_loss,
+        "cross_entropy": functional.cross_entropy,
+    }[name]
     rng = np.random.default_rng(1)
     predictions = rng.normal(size=(16, 5)).astype(np.float32)
     if name == "cross_entropy":
         targets = rng.integers(0, 5, size=16)
         torch_targets = torch.from_numpy(targets)
     else:
-        targets = rng.normal(size=(16, 5)).astype(np.float32)
+        targets = (2 * rng.normal(size=(16, 5))).astype(np.float32)  # errors on both sides of Huber's delta
         torch_targets = torch.from_numpy(targets)
     torch_predictions = torch.from_numpy(predictions).requires_grad_(True)
     torch_loss = torch_fn(torch_predictions, torch_targets)

@@ -50,6 +50,8 @@ PARAMETER_COLUMNS = (
     "x", "y", "einsteinradius", "einsteinR", "ellipseratio", "ratio", "orientation",
     "sigma", "sigma2", "theta", "R", "phi", "n_sersic", "luminosity",
 )  # fmt: skip
+# The roulette amplitudes alpha[m][s], beta[m][s] of the roulette file.
+ROULETTE_AMPLITUDE = re.compile(r"(alpha|beta)\[\d+\]\[\d+\]")
 # Names of the same parameter in different CosmoSim versions.
 ALIASES = ({"einsteinR", "einsteinradius"}, {"ratio", "ellipseratio"})
 MAX_REPORTED_PROBLEMS = 20
