@@ -13,7 +13,7 @@ they compute it, the mean over the identifiable parameters and the mean over the
 figure. A Sersic-sphere source has no sigma2 or theta to see: those are reported, flagged, and kept out of
 the means over identifiable parameters (they stay in the uniform mean, as in theirs).
 
-    python bench/cosmosim_problems.py --problems sie --image-size 128 --num-train 3000 --epochs 7     # CPU
+    python bench/cosmosim_problems.py --problems sie --image-size 128 --num-train 3000 --epochs 10    # CPU
     python bench/cosmosim_problems.py --image-size 256 --num-train 10000 --num-validation 1000 \\
         --num-test 4000 --epochs 30                                                                  # GPU
 
@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--num-train", type=int, default=3000)
     parser.add_argument("--num-validation", type=int, default=500)
     parser.add_argument("--num-test", type=int, default=1000)
-    parser.add_argument("--epochs", type=int, default=7)  # the measured CPU setting
+    parser.add_argument("--epochs", type=int, default=10)  # fits 20 min per problem on the 2-vCPU CPU (README)
     parser.add_argument("--runs", default="runs/bench", help="workdirs go to <runs>/<problem>")
     parser.add_argument("--data-dir", default=None, help="TFDS folder (the simulation is cached there)")
     parser.add_argument("--out", default="bench/cosmosim_problems.json")
