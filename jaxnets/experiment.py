@@ -94,14 +94,22 @@ def load_data(config: Config) -> data_lib.Dataset:
 
 
 def loss_function(config: Config, dataset: data_lib.Dataset) -> training.LossFn:
-    """--loss, by default cross-entropy for classification; for regression MSE, or Huber when the targets include
-    CosmoSim's roulette amplitudes: their heavy tails (1 % of the rows hold most of a high-order amplitude's
-    variance) would take over MSE's gradient (README, "The CosmoAI group's problems")."""
-    amplitudes = any(data_lib.cosmosim.ROULETTE_AMPLITUDE.fullmatch(name) for name in dataset.target_names)
-    name = config.loss or ("cross_entropy" if dataset.task == "classification" else "huber" if amplitudes else "mse")
+    """--loss, by default `default_loss(dataset)`; RunError for one that does not fit the task."""
+    name = config.loss or default_loss(dataset)
     if (name == "cross_entropy") != (dataset.task == "classification"):
         raise RunError(f"--loss {name} does not fit the {dataset.task} task of dataset {dataset.name!r}")
     return losses.LOSSES[name]
+
+
+def default_loss(dataset: data_lib.Dataset) -> str:
+    """Cross-entropy for classification; for regression MSE, or Huber when the targets include CosmoSim's roulette
+    amplitudes: their heavy tails (1 % of the rows hold most of a high-order amplitude's variance) would take over
+    MSE's gradient (README, "The CosmoAI group's problems")."""
+    if dataset.task == "classification":
+        return "cross_entropy"
+    if any(data_lib.cosmosim.ROULETTE_AMPLITUDE.fullmatch(name) for name in dataset.target_names):
+        return "huber"
+    return "mse"
 
 
 def target_weights(config: Config, dataset: data_lib.Dataset) -> dict[str, float]:
