@@ -152,6 +152,28 @@ def _target_option(
     return parsed
 
 
+DATA_DEFAULTS = ("loss", "dropout", "target_weights", "angle_axes")  # Config fields whose default depends on the data
+
+
+def with_data_defaults(config: Config, dataset: data_lib.Dataset, saved: Config | None = None) -> Config:
+    """config with the defaults that depend on the data (DATA_DEFAULTS) written out. A run saves this, so that
+    evaluating or resuming it later uses what it was trained with even where a later version of jaxnets chooses
+    another default; resuming, those left undeclared come from the saved run's config. RunError as the options'
+    own checks."""
+    if saved is not None:
+        config = dataclasses.replace(
+            config, **{name: getattr(saved, name) for name in DATA_DEFAULTS if getattr(config, name) is None}
+        )
+    weights, axes = target_weights(config, dataset), angle_axes(config, dataset)
+    return dataclasses.replace(
+        config,
+        loss=config.loss or default_loss(dataset),
+        dropout=dropout(config, dataset),
+        target_weights=tuple(f"{name}:{weight!r}" for name, weight in weights.items()),
+        angle_axes=tuple(f"{angle}:{minor}/{major}" for angle, (minor, major) in axes.items()),
+    )
+
+
 def output_names(dataset: data_lib.Dataset) -> tuple[str, ...]:
     """The network's outputs: the classes, or one per regression target and two (cos, sin) per angle."""
     if dataset.task == "classification":
@@ -283,14 +305,16 @@ def _lock_workdir(workdir: str) -> WorkdirLock | None:
     return lock
 
 
-def _check_saved_config(config: Config, workdir: str) -> None:
-    """Refuses to resume a run whose saved setup differs from the requested one."""
+def _check_saved_config(config: Config, workdir: str, dataset: data_lib.Dataset) -> None:
+    """Refuses to resume a run whose saved setup differs from the requested one (config, its data defaults
+    written out)."""
     try:
         saved = Config.load(workdir)
     except FileNotFoundError:
         raise RunError(f"workdir {workdir!r} has checkpoints but no config.json: use another --workdir") from None
     except ValueError as error:
         raise RunError(str(error)) from None
+    saved = with_data_defaults(saved, dataset)  # a run saved before they were written out left some None
     differences = saved.differences(config, Config.resume_fields())
     if differences:
         listed = "; ".join(
@@ -324,12 +348,20 @@ def _has_checkpoint(workdir: str) -> bool:
         checkpointer.close()
 
 
-def _resume(config: Config, checkpointer: Checkpointer, state: training.TrainState):
+def _saved_config(workdir: str) -> Config | None:
+    """The workdir's config.json, or None where it is missing or unreadable (_check_saved_config says so)."""
+    try:
+        return Config.load(workdir)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _resume(config: Config, checkpointer: Checkpointer, state: training.TrainState, dataset: data_lib.Dataset):
     """Where training starts: (state, epoch, batch, partial epoch sums, history), from the latest checkpoint
     if the workdir has one (after checking its setup matches), else from the beginning."""
     if checkpointer.latest_step() is None:
         return state, 1, 0, None, []
-    _check_saved_config(config, config.run_dir)
+    _check_saved_config(config, config.run_dir, dataset)
     try:
         state, record, damaged = checkpointer.restore_newest_intact(state)
     except ValueError as error:
@@ -376,6 +408,8 @@ def train_and_evaluate(config: Config) -> dict:
     setup_jax(config)
     workdir = config.run_dir
     dataset = load_data(config)
+    resuming = _has_checkpoint(workdir)
+    config = with_data_defaults(config, dataset, _saved_config(workdir) if resuming else None)
     loss_fn = loss_function(config, dataset)
     mesh = training.data_mesh()
     if config.batch_size % mesh.size:
@@ -387,7 +421,7 @@ def train_and_evaluate(config: Config) -> dict:
     if dataset.task == "regression":
         encoding = dataset.target_encoding(standardize=config.standardize, weights=weights, axis_ratios=axes)
 
-    if config.init_from and _has_checkpoint(workdir):
+    if config.init_from and resuming:
         config_for_model = dataclasses.replace(config, init_from=None)  # resuming: the checkpoint has the weights
     else:
         config_for_model = config
@@ -415,7 +449,7 @@ def train_and_evaluate(config: Config) -> dict:
     with monitor.StopSignals() as stop:
         try:
             checkpointer = Checkpointer(workdir)
-            state, first_epoch, start_batch, totals, history = _resume(config, checkpointer, state)
+            state, first_epoch, start_batch, totals, history = _resume(config, checkpointer, state, dataset)
             if is_main:
                 config.save(workdir)
             writer = monitor.MetricWriter(workdir, history, enabled=is_main)

@@ -91,6 +91,25 @@ def test_the_loss_defaults_to_huber_for_roulette_amplitudes_only():
     assert experiment.loss_function(explicit, dataset("alpha[0][1]")) is losses.mse
 
 
+def test_a_run_saves_the_data_defaults_it_trained_with_and_keeps_them(tmp_path, monkeypatch):
+    # A later version choosing another default (here: l1 for every dataset) must not change how a saved run is
+    # evaluated or resumed: before the run saved them, its config.json held null and the new default applied.
+    config = tiny_config(tmp_path, epochs=1)
+    experiment.train_and_evaluate(config)
+    saved = Config.load(config.workdir)
+    written = ("mse", 0.0, ("theta:2.0",), ("theta:sigma2/sigma",))
+    assert (saved.loss, saved.dropout, saved.target_weights, saved.angle_axes) == written
+    monkeypatch.setattr(experiment, "default_loss", lambda dataset: "l1")
+    assert experiment.loss_function(saved, experiment.load_data(saved)) is losses.mse
+    experiment.train_and_evaluate(dataclasses.replace(config, epochs=2))  # resumed without --loss
+    assert Config.load(config.workdir).loss == "mse"
+    # A run saved before the defaults were written out (null) resumes, with today's defaults.
+    old = json.loads((tmp_path / "run" / "config.json").read_text())
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**old, "loss": None, "target_weights": None}))
+    experiment.train_and_evaluate(dataclasses.replace(config, epochs=3))
+    assert Config.load(config.workdir).loss == "l1"
+
+
 @pytest.mark.slow
 def test_a_run_trains_and_reports_with_the_weighted_encoding(finished_run):
     # The default run weighs theta (lens.LOSS_WEIGHTS): its saved encoding has theta's columns at sqrt(weight) times
