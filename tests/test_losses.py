@@ -1,9 +1,12 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxnets import losses
+from jaxnets.config import Config
 
 
 def test_mse_and_l1_closed_form():
@@ -92,3 +95,9 @@ def test_shape_mismatch_names_both_shapes():
         losses.cross_entropy(jnp.ones(4), jnp.ones(4, jnp.int32))
     with pytest.raises(ValueError, match=r"mask must have shape"):
         losses.mse(jnp.ones((4, 1)), jnp.ones((4, 1)), jnp.ones(3))
+
+
+def test_the_cli_offers_exactly_the_losses_there_are():
+    # config.py lists --loss's choices itself (it does not import JAX); a loss added to one must reach the other.
+    loss_field = next(field for field in dataclasses.fields(Config) if field.name == "loss")
+    assert set(loss_field.metadata["choices"]) == set(losses.LOSSES)
