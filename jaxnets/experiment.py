@@ -305,16 +305,9 @@ def _lock_workdir(workdir: str) -> WorkdirLock | None:
     return lock
 
 
-def _check_saved_config(config: Config, workdir: str, dataset: data_lib.Dataset) -> None:
-    """Refuses to resume a run whose saved setup differs from the requested one (config, its data defaults
+def _check_saved_config(config: Config, saved: Config, workdir: str) -> None:
+    """Refuses to resume a run whose saved setup differs from the requested one (both with their data defaults
     written out)."""
-    try:
-        saved = Config.load(workdir)
-    except FileNotFoundError:
-        raise RunError(f"workdir {workdir!r} has checkpoints but no config.json: use another --workdir") from None
-    except ValueError as error:
-        raise RunError(str(error)) from None
-    saved = with_data_defaults(saved, dataset)  # a run saved before they were written out left some None
     differences = saved.differences(config, Config.resume_fields())
     if differences:
         listed = "; ".join(
@@ -349,19 +342,25 @@ def _has_checkpoint(workdir: str) -> bool:
 
 
 def _saved_config(workdir: str) -> Config | None:
-    """The workdir's config.json, or None where it is missing or unreadable (_check_saved_config says so)."""
+    """The config.json of the run the workdir holds: None for a fresh workdir (no checkpoint), RunError where it
+    has checkpoints but no readable config.json."""
+    if not _has_checkpoint(workdir):
+        return None
     try:
         return Config.load(workdir)
-    except (FileNotFoundError, ValueError):
-        return None
+    except FileNotFoundError:
+        raise RunError(f"workdir {workdir!r} has checkpoints but no config.json: use another --workdir") from None
+    except ValueError as error:
+        raise RunError(str(error)) from None
 
 
-def _resume(config: Config, checkpointer: Checkpointer, state: training.TrainState, dataset: data_lib.Dataset):
+def _resume(config: Config, checkpointer: Checkpointer, state: training.TrainState, checked: bool):
     """Where training starts: (state, epoch, batch, partial epoch sums, history), from the latest checkpoint
-    if the workdir has one (after checking its setup matches), else from the beginning."""
+    if the workdir has one (its setup checked against config at start-up: `checked`), else from the beginning."""
     if checkpointer.latest_step() is None:
         return state, 1, 0, None, []
-    _check_saved_config(config, config.run_dir, dataset)
+    if not checked:  # another run wrote its first checkpoint since this one started and found none
+        raise RunError(f"workdir {config.run_dir!r} gained a checkpoint while this run started: run it again")
     try:
         state, record, damaged = checkpointer.restore_newest_intact(state)
     except ValueError as error:
@@ -408,8 +407,10 @@ def train_and_evaluate(config: Config) -> dict:
     setup_jax(config)
     workdir = config.run_dir
     dataset = load_data(config)
-    resuming = _has_checkpoint(workdir)
-    config = with_data_defaults(config, dataset, _saved_config(workdir) if resuming else None)
+    saved = _saved_config(workdir)
+    config = with_data_defaults(config, dataset, saved)
+    if saved is not None:  # resuming: a run saved before the data defaults were written out left some None
+        _check_saved_config(config, with_data_defaults(saved, dataset), workdir)
     loss_fn = loss_function(config, dataset)
     mesh = training.data_mesh()
     if config.batch_size % mesh.size:
@@ -421,7 +422,7 @@ def train_and_evaluate(config: Config) -> dict:
     if dataset.task == "regression":
         encoding = dataset.target_encoding(standardize=config.standardize, weights=weights, axis_ratios=axes)
 
-    if config.init_from and resuming:
+    if config.init_from and saved is not None:
         config_for_model = dataclasses.replace(config, init_from=None)  # resuming: the checkpoint has the weights
     else:
         config_for_model = config
@@ -449,7 +450,9 @@ def train_and_evaluate(config: Config) -> dict:
     with monitor.StopSignals() as stop:
         try:
             checkpointer = Checkpointer(workdir)
-            state, first_epoch, start_batch, totals, history = _resume(config, checkpointer, state, dataset)
+            state, first_epoch, start_batch, totals, history = _resume(
+                config, checkpointer, state, checked=saved is not None
+            )
             if is_main:
                 config.save(workdir)
             writer = monitor.MetricWriter(workdir, history, enabled=is_main)

@@ -205,6 +205,16 @@ def test_incompatible_workdir_is_refused_with_the_differences(tmp_path):
         experiment.train_and_evaluate(dataclasses.replace(config, hidden=(64,)))
 
 
+def test_a_checkpoint_that_appears_while_the_run_starts_is_not_resumed_unchecked(tmp_path, monkeypatch):
+    # The saved setup is checked at start-up; a checkpoint written after that (by another run) is refused rather
+    # than restored without the check.
+    config = tiny_config(tmp_path, epochs=1)
+    experiment.train_and_evaluate(config)
+    monkeypatch.setattr(experiment, "_saved_config", lambda workdir: None)  # what start-up saw: a fresh workdir
+    with pytest.raises(experiment.RunError, match="gained a checkpoint while this run started: run it again"):
+        experiment.train_and_evaluate(dataclasses.replace(config, epochs=2))
+
+
 def test_classification_run_reports_accuracy_and_confusion(tmp_path):
     config = tiny_config(tmp_path, task="classification", epochs=1)
     experiment.train_and_evaluate(config)
