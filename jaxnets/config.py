@@ -260,8 +260,10 @@ def parse_list(text: str, item: type = str) -> tuple:
 
 
 def format_value(value: Any) -> str:
-    """A field's value as the command line writes it: (512, 256) -> '512,256'."""
-    return ",".join(map(str, value)) if isinstance(value, tuple) else repr(value)
+    """A field's value as the command line writes it: (512, 256) -> '512,256', () -> "''" (none)."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) if value else "''"
+    return repr(value)
 
 
 def _base_type(annotation: Any) -> type:

@@ -205,6 +205,14 @@ def test_incompatible_workdir_is_refused_with_the_differences(tmp_path):
         experiment.train_and_evaluate(dataclasses.replace(config, hidden=(64,)))
 
 
+def test_a_resume_that_adds_target_weights_names_the_saved_none(tmp_path):
+    # The saved run's data defaults are written out, () for "no weights": the message says '' as the CLI writes it.
+    config = tiny_config(tmp_path, epochs=1, target_weights=())
+    experiment.train_and_evaluate(config)
+    with pytest.raises(experiment.RunError, match=r"target_weights: saved '', requested theta:4.0"):
+        experiment.train_and_evaluate(dataclasses.replace(config, epochs=2, target_weights=("theta:4",)))
+
+
 def test_a_checkpoint_that_appears_while_the_run_starts_is_not_resumed_unchecked(tmp_path, monkeypatch):
     # The saved setup is checked at start-up; a checkpoint written after that (by another run) is refused rather
     # than restored without the check.
