@@ -134,7 +134,11 @@ class Config:
         "theta:sigma2/sigma; none for other data); '' for none",
         resume=True,
     )
-    lr: float = _option(2e-3, "Adam learning rate (the peak of warmup_cosine); the lecture's is 1e-3")
+    lr: float | None = _option(
+        None,
+        "Adam learning rate, the peak of warmup_cosine (default: 2e-3, or 1e-3 when the targets include CosmoSim's "
+        "roulette amplitudes); the lecture's is 1e-3",
+    )
     weight_decay: float = _option(0.0, "decoupled weight decay (AdamW) when > 0")
     ema: float = _option(
         0.0,

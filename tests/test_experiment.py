@@ -79,30 +79,38 @@ def test_dropout_defaults_to_none_for_regression_and_torchvisions_for_classifica
     assert experiment.dropout(classify, experiment.load_data(classify)) == 0.5
 
 
-def test_the_loss_defaults_to_huber_for_roulette_amplitudes_only():
+def test_the_loss_and_lr_default_to_huber_and_1e_3_for_roulette_amplitudes_only():
     def dataset(*targets: str, task: str = "regression") -> Dataset:
         return Dataset(name="csv-problem", task=task, splits={}, image_shape=(8, 8, 1), target_names=targets)
 
     config = Config()
-    assert experiment.loss_function(config, dataset("sigma", "xiX", "alpha[0][1]", "beta[2][3]")) is losses.huber
-    assert experiment.loss_function(config, dataset("sigma", "xiX", "alpha", "beta2")) is losses.mse
-    assert experiment.loss_function(config, dataset("lens", "point", task="classification")) is losses.cross_entropy
+    amplitudes, plain = dataset("sigma", "xiX", "alpha[0][1]", "beta[2][3]"), dataset("sigma", "xiX", "alpha", "beta2")
+    classes = dataset("lens", "point", task="classification")
+    assert experiment.loss_function(config, amplitudes) is losses.huber
+    assert experiment.loss_function(config, plain) is losses.mse
+    assert experiment.loss_function(config, classes) is losses.cross_entropy
     explicit = dataclasses.replace(config, loss="mse")
     assert experiment.loss_function(explicit, dataset("alpha[0][1]")) is losses.mse
+    lrs = [experiment.with_data_defaults(config, data).lr for data in (amplitudes, plain, classes)]
+    assert lrs == [1e-3, 2e-3, 2e-3]
+    assert experiment.with_data_defaults(dataclasses.replace(config, lr=5e-4), amplitudes).lr == 5e-4
+    with pytest.raises(ValueError, match="with_data_defaults"):
+        experiment.build_optimizer(config, 1)  # an unresolved config names the step it missed
 
 
 def test_a_run_saves_the_data_defaults_it_trained_with_and_keeps_them(tmp_path, monkeypatch):
     # A later version choosing another default (here: l1 for every dataset) must not change how a saved run is
     # evaluated or resumed: before the run saved them, its config.json held null and the new default applied.
-    config = tiny_config(tmp_path, epochs=1)
+    config = tiny_config(tmp_path, epochs=1, lr=None)
     experiment.train_and_evaluate(config)
     saved = Config.load(config.workdir)
-    written = ("mse", 0.0, ("theta:2.0",), ("theta:sigma2/sigma",))
-    assert (saved.loss, saved.dropout, saved.target_weights, saved.angle_axes) == written
+    written = ("mse", 0.0, ("theta:2.0",), ("theta:sigma2/sigma",), 2e-3)
+    assert (saved.loss, saved.dropout, saved.target_weights, saved.angle_axes, saved.lr) == written
     monkeypatch.setattr(experiment, "default_loss", lambda dataset: "l1")
+    monkeypatch.setattr(experiment, "default_lr", lambda dataset: 0.5)
     assert experiment.loss_function(saved, experiment.load_data(saved)) is losses.mse
-    experiment.train_and_evaluate(dataclasses.replace(config, epochs=2))  # resumed without --loss
-    assert Config.load(config.workdir).loss == "mse"
+    experiment.train_and_evaluate(dataclasses.replace(config, epochs=2))  # resumed without --loss or --lr
+    assert (Config.load(config.workdir).loss, Config.load(config.workdir).lr) == ("mse", 2e-3)
     # A run saved before the defaults were written out (null) resumes, with today's defaults.
     old = json.loads((tmp_path / "run" / "config.json").read_text())
     (tmp_path / "run" / "config.json").write_text(json.dumps({**old, "loss": None, "target_weights": None}))
