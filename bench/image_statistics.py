@@ -19,8 +19,6 @@ import numpy as np
 
 from jaxnets.data.cosmosim import load_image
 
-NAMES = ("log flux", "log saturated", "log lit", "brightest", "log flux per lit", "sqrt bright")
-
 
 def statistics(image: np.ndarray) -> np.ndarray:
     """The six statistics of one uint8 image [H, W, 1], float64 [6]."""
@@ -32,9 +30,9 @@ def statistics(image: np.ndarray) -> np.ndarray:
 
 
 def quadratic_features(stats: np.ndarray) -> np.ndarray:
-    """[N, K] -> [N, 1 + K + K * K]: a constant, the statistics and every product of two."""
-    products = (stats[:, :, None] * stats[:, None, :]).reshape(len(stats), -1)
-    return np.hstack([np.ones((len(stats), 1)), stats, products])
+    """[N, K] -> [N, 1 + K + K (K + 1) / 2]: a constant, the statistics and every product of two (squares too)."""
+    first, second = np.triu_indices(stats.shape[1])
+    return np.hstack([np.ones((len(stats), 1)), stats, stats[:, first] * stats[:, second]])
 
 
 def r2_of_fit(features: np.ndarray, target: np.ndarray, num_train: int) -> float:
