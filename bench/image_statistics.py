@@ -1,23 +1,26 @@
-"""How much of a CosmoSim parameter a few image statistics explain: a baseline for what a network should reach.
+"""How much of each target a few image statistics explain: a network-free baseline for a trained run.
 
-Reads a CosmoSim simulation folder (`params.csv`, `roulette.csv` and the images, as `python -m CosmoSim` or
-`train.py --simulate` writes them; the latter caches them under <data dir>/cosmosim_simulated/<toml>_<hash>/),
-resizes every image as jaxnets does (Lanczos, `jaxnets.data.cosmosim.load_image`), and computes six statistics
-per image: log total flux, log count of saturated pixels (>= 254), log count of lit pixels (> 8), the brightest
-pixel, log flux per lit pixel and the square root of the count of pixels >= 128. A least-squares fit that is
-quadratic in them (with every pairwise product) on the first --num-train rows predicts the rest; the script
-prints each target's R² on those.
+Loads a run's data exactly as train.py and evaluate.py do (from its config.json: the same converted, resized
+images and the same train / validation / test split), computes six statistics per image: log total flux, log
+count of saturated pixels (>= 254), log count of lit pixels (> 8), the brightest pixel, log flux per lit pixel
+and the square root of the count of pixels >= 128. A least-squares fit that is quadratic in them (with every
+pairwise product) on the train split predicts the other splits; targets are fitted as the run encodes them
+(angles as cos/sin), and R² is computed as evaluate.py does (circular for angles). Run it from the folder
+train.py ran in (a run's data paths are relative to it):
 
-    python bench/image_statistics.py <data dir>/cosmosim_simulated/cluster4_<hash> --targets sigma,luminosity
+    python bench/image_statistics.py runs/sim-cluster4-inception3 [--splits validation,test]
 """
 
 import argparse
-import csv
-import os
+import dataclasses
+import sys
 
 import numpy as np
 
-from jaxnets.data.cosmosim import load_image
+from jaxnets import experiment, metrics
+from jaxnets.config import Config
+
+AMPLITUDE_PREFIXES = ("alpha[", "beta[")
 
 
 def statistics(image: np.ndarray) -> np.ndarray:
@@ -35,54 +38,83 @@ def quadratic_features(stats: np.ndarray) -> np.ndarray:
     return np.hstack([np.ones((len(stats), 1)), stats, stats[:, first] * stats[:, second]])
 
 
-def r2_of_fit(features: np.ndarray, target: np.ndarray, num_train: int) -> float:
-    """R² on rows num_train: of the least-squares fit on the rows before."""
-    weights, *_ = np.linalg.lstsq(features[:num_train], target[:num_train], rcond=None)
-    residual = features[num_train:] @ weights - target[num_train:]
-    return float(1 - np.mean(residual**2) / np.var(target[num_train:]))
+def fit(features: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Least-squares weights [F, W] of targets [N, W] on features [N, F]."""
+    weights, *_ = np.linalg.lstsq(features, targets, rcond=None)
+    return weights
 
 
-def read_columns(folder: str) -> dict[str, list[str]]:
-    """params.csv's and roulette.csv's columns by name (roulette.csv's where both have one), in the rows' order."""
-    columns: dict[str, list[str]] = {}
-    for name in ("params.csv", "roulette.csv"):
-        path = os.path.join(folder, name)
-        if not os.path.exists(path):
-            continue
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        table = {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
-        if "filename" in columns and table.get("filename", columns["filename"]) != columns["filename"]:
-            raise SystemExit(f"params.csv and roulette.csv in {folder} list different images")
-        columns.update(table)
-    return columns
+def split_statistics(examples, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """A split's quadratic features [N, F] and raw targets float32 [N, P], in split order."""
+    stats, targets = [], []
+    for start in range(0, len(examples), chunk):
+        for example in examples.__getitems__(range(start, min(start + chunk, len(examples)))):
+            stats.append(statistics(example["image"]))
+            targets.append(example["target"])
+    return quadratic_features(np.stack(stats)), np.stack(targets)
 
 
-def main() -> None:
+def baseline(config: Config, splits: tuple[str, ...] = ("validation", "test")) -> dict[str, dict]:
+    """Fits the statistics to the train split of config's data; returns {split: regression report} (as
+    `jaxnets.metrics.regression_report`) for each of splits."""
+    dataset = experiment.load_data(config)
+    if dataset.task != "regression":
+        raise ValueError(f"the image-statistics baseline is for regression; {dataset.name} is {dataset.task}")
+    missing = [split for split in ("train", *splits) if split not in dataset.splits]
+    if missing:
+        raise ValueError(f"dataset {dataset.name!r} has no split {missing[0]!r}; it has {sorted(dataset.splits)}")
+    encoding = dataset.target_encoding(standardize=False, axis_ratios=experiment.angle_axes(config, dataset))
+    features, targets = split_statistics(dataset.splits["train"])
+    weights = fit(features, encoding.encode(targets))
+    reports = {}
+    for split in splits:
+        features, targets = split_statistics(dataset.splits[split])
+        predicted = encoding.decode(features @ weights)
+        reports[split] = metrics.regression_report(targets, predicted, dataset.target_names, periods=encoding.periods)
+    return reports
+
+
+def format_table(reports: dict[str, dict]) -> str:
+    """Per target R² by split, then the uniform mean and the means over parameters and over amplitudes."""
+    splits = list(reports)
+    r2 = {split: {name: p["r2"] for name, p in report["parameters"].items()} for split, report in reports.items()}
+    names = list(r2[splits[0]])
+    width = max([12] + [len(name) + 2 for name in names])
+    lines = [f"{'R²':<{width}}" + "".join(f"{split:>12}" for split in splits)]
+    lines += [f"{name:<{width}}" + "".join(f"{r2[split][name]:>12.3f}" for split in splits) for name in names]
+    amplitudes = [name for name in names if name.startswith(AMPLITUDE_PREFIXES)]
+    groups = {"uniform mean": names}
+    if 0 < len(amplitudes) < len(names):
+        groups.update(parameters=[name for name in names if name not in amplitudes], amplitudes=amplitudes)
+    for label, members in groups.items():
+        means = [np.mean([r2[split][name] for name in members]) for split in splits]
+        lines.append(f"{label:<{width}}" + "".join(f"{mean:>12.3f}" for mean in means))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", help="a CosmoSim simulation folder: params.csv, roulette.csv, images")
-    parser.add_argument("--targets", default="sigma,luminosity,n_sersic,xiX,xiY")
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--num-train", type=int, default=3000)
-    args = parser.parse_args()
-
-    columns = read_columns(args.folder)
-    if "filename" not in columns:
-        raise SystemExit(f"no params.csv or roulette.csv with a filename column in {args.folder}")
-    paths = [os.path.join(args.folder, name) for name in columns["filename"]]
-    if not 0 < args.num_train < len(paths):
-        raise SystemExit(f"--num-train must leave rows to test: the folder has {len(paths)}")
-    features = quadratic_features(np.stack([statistics(load_image(p, args.image_size)) for p in paths]))
-    print(
-        f"{len(paths)} images at {args.image_size} px; fit on {args.num_train}, "
-        f"R² on the other {len(paths) - args.num_train}"
-    )
-    for target in args.targets.split(","):
-        if target not in columns:
-            raise SystemExit(f"no column {target!r} in {args.folder}'s CSV files")
-        values = np.array([float(v) for v in columns[target]])
-        print(f"{target:12s} R² {r2_of_fit(features, values, args.num_train):.3f}")
+    parser.add_argument("workdir", help="a run folder train.py wrote (its config.json names the data)")
+    parser.add_argument("--splits", default="validation,test", help="the splits to predict (fit on train)")
+    parser.add_argument("--data-dir", help="TFDS data folder, if not the one the run was trained with")
+    args = parser.parse_args(argv)
+    try:
+        config = Config.load(args.workdir)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.data_dir:
+        config = dataclasses.replace(config, data_dir=args.data_dir)
+    try:
+        reports = baseline(config, tuple(args.splits.split(",")))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{split} {report['count']}" for split, report in reports.items())
+    print(f"{config.dataset_name} at {config.image_size or 'stored'} px, fit on the train split; predicted: {counts}")
+    print(format_table(reports))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
