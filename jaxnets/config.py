@@ -162,7 +162,15 @@ class Config:
         ("f32", "bf16"),
         resume=True,
     )
-    seed: int = _option(0, "seed for initialisation, shuffling and dropout", resume=True)
+    seed: int = _option(
+        0, "seed for initialisation, shuffling and dropout (and for the data, unless --data-seed)", resume=True
+    )
+    data_seed: int | None = _option(
+        None,
+        "seed of the data itself: the built-in lens images, --simulate's CosmoSim draws and the seeded split of CSV "
+        "and TFDS data into train/validation/test (default: --seed); fix it to compare seeds on the same images",
+        resume=True,
+    )
     on_nan: str = _option("stop", "on a NaN/Inf loss: stop, or skip the step's update", ("stop", "skip"), resume=True)
     read_threads: int = _option(
         2,

@@ -89,7 +89,7 @@ def load_data(config: Config) -> data_lib.Dataset:
         num_test=config.num_test,
         task=config.task,
         data_dir=config.data_dir,
-        seed=config.seed,
+        seed=config.seed if config.data_seed is None else config.data_seed,
     )
 
 
