@@ -118,7 +118,6 @@ def test_a_run_saves_the_data_defaults_it_trained_with_and_keeps_them(tmp_path, 
     assert Config.load(config.workdir).loss == "l1"
 
 
-@pytest.mark.slow
 def test_data_seed_keeps_the_data_while_seed_varies(tmp_path):
     from test_cosmosim import write_dataset
 
@@ -131,6 +130,7 @@ def test_data_seed_keeps_the_data_while_seed_varies(tmp_path):
     assert split_rows(seed=1, data_seed=0) == split_rows(seed=0) != split_rows(seed=1)
 
 
+@pytest.mark.slow
 def test_a_run_trains_and_reports_with_the_weighted_encoding(finished_run):
     # The default run weighs theta (lens.LOSS_WEIGHTS): its saved encoding has theta's columns at sqrt(weight) times
     # the plain scale, and the report decodes the predictions with it (the tests above check the report against
