@@ -100,14 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = Config.load(args.workdir)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if args.data_dir:
-        config = dataclasses.replace(config, data_dir=args.data_dir)
-    try:
+        if args.data_dir:
+            config = dataclasses.replace(config, data_dir=args.data_dir)
         reports = baseline(config, tuple(args.splits.split(",")))
-    except ValueError as error:
+    except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     counts = ", ".join(f"{split} {report['count']}" for split, report in reports.items())

@@ -15,13 +15,13 @@ import argparse
 import functools
 import json
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from remat import time_alternately  # bench/, the script's folder
 
 from jaxnets import conv, host_memory, losses, training
 from jaxnets.models import Inception3
@@ -97,16 +97,9 @@ def main() -> None:
         finally:
             model_layers.conv2d = original
         result[f"{name}: temp MiB"] = round(compiled[name].memory_analysis().temp_size_in_bytes / 2**20, 1)
-    times = {name: [] for name in VARIANTS}
     for name in VARIANTS:  # warm-up
         states[name], _ = compiled[name](states[name], batch)
-    for _ in range(args.rounds):
-        for name in VARIANTS:
-            started = time.perf_counter()
-            for _ in range(args.steps):
-                states[name], metrics = compiled[name](states[name], batch)
-            jax.block_until_ready(metrics)
-            times[name].append((time.perf_counter() - started) / args.steps)
+    times = time_alternately(compiled, states, batch, args.rounds, args.steps)
     for name in VARIANTS:
         result[f"{name}: s/step"] = round(statistics.median(times[name]), 4)
         result[f"{name}: rounds"] = [round(t, 3) for t in times[name]]

@@ -26,6 +26,20 @@ from jaxnets.models import Inception3, layers
 CONV_OUTPUT = "conv_output"
 
 
+def time_alternately(compiled: dict, states: dict, batch: dict, rounds: int, steps: int) -> dict[str, list[float]]:
+    """Seconds per step of each compiled train step, {name: one figure per round}: each round runs `steps` steps of
+    every variant in turn (the machine's noise falls on all of them), each from and into states[name]."""
+    times = {name: [] for name in compiled}
+    for _ in range(rounds):
+        for name, step in compiled.items():
+            started = time.perf_counter()
+            for _ in range(steps):
+                states[name], metrics = step(states[name], batch)
+            jax.block_until_ready(metrics)
+            times[name].append((time.perf_counter() - started) / steps)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--precision", default="f32", choices=("f32", "bf16"))
@@ -65,14 +79,7 @@ def main() -> None:
         result[f"{name}: temp MiB"] = round(memory.temp_size_in_bytes / 2**20, 1)
         states[name], metrics = compiled[name](states[name], batch)  # warm-up
         result[f"{name}: first loss"] = float(metrics["loss_sum"] / metrics["count"])
-    times = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name in variants:
-            started = time.perf_counter()
-            for _ in range(args.steps):
-                states[name], metrics = compiled[name](states[name], batch)
-            jax.block_until_ready(metrics)
-            times[name].append((time.perf_counter() - started) / args.steps)
+    times = time_alternately(compiled, states, batch, args.rounds, args.steps)
     for name in variants:
         result[f"{name}: s/step"] = round(statistics.median(times[name]), 4)
     print(json.dumps(result, indent=1))
