@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -189,6 +189,26 @@ class TargetEncoding:
                 values.append(np.mod(turn * (period / (2 * math.pi)), period))
                 column += 2
         return np.stack(values, axis=-1)
+
+    def move(self, encoded: np.ndarray, move: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """The encoded outputs [..., W] of the targets moved by `move` (targets [..., P] -> [..., P], e.g. a
+        rotation): each plain target moved, each angle's (cos, sin) turned to its moved angle with its length
+        kept (the length says how sure the network is of the direction). float64 [..., W]."""
+        encoded = np.asarray(encoded, np.float64)
+        raw = encoded * self.std + self.mean if self.mean is not None else encoded
+        moved = move(self.decode(encoded))
+        columns, column = [], 0
+        for i, period in enumerate(self.periods):
+            if period is None:
+                columns.append(moved[..., i])
+                column += 1
+            else:
+                length = np.hypot(raw[..., column], raw[..., column + 1])
+                turn = moved[..., i] * (2 * math.pi / period)
+                columns += [length * np.cos(turn), length * np.sin(turn)]
+                column += 2
+        result = np.stack(columns, axis=-1)
+        return (result - self.mean) / self.std if self.mean is not None else result
 
     def to_json(self) -> dict:
         return {
