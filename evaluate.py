@@ -15,9 +15,15 @@ def evaluate(args: argparse.Namespace) -> int:
     from jaxnets import experiment, report
 
     summary = experiment.evaluate_run(
-        args.workdir, step=args.step, which=args.which or "best", split=args.split, data_dir=args.data_dir
+        args.workdir,
+        step=args.step,
+        which=args.which or "best",
+        split=args.split,
+        data_dir=args.data_dir,
+        tta=args.tta,
     )
-    print(f"{args.workdir}, {report.describe_checkpoint(summary)}, split {args.split}:")
+    views = f", averaged over {summary['views']} rotations and mirrors" if summary["views"] > 1 else ""
+    print(f"{args.workdir}, {report.describe_checkpoint(summary)}, split {args.split}{views}:")
     print(report.format_report(summary))
     return 0
 
@@ -39,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--split", default="test", help="which split to evaluate (test, validation, train)")
     parser.add_argument("--data-dir", help="TFDS data folder, if not the one the run was trained with")
+    parser.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        help="test-time augmentation: predict each image in all 8 of the square's rotations and mirrors, move the "
+        "predictions back (xiX/xiY, angles and roulette amplitudes turn with the image) and average them "
+        "(default: on for CosmoSim targets that all have such a rule, as train.py's --augment)",
+    )
     args = parser.parse_args(argv)
     from jaxnets import experiment  # after argument parsing, so --help is instant
 

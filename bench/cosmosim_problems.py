@@ -8,10 +8,12 @@ mean over all targets, `valid_r2` in their training_log.csv).
 
 For each problem this runs `python train.py --simulate bench/problems/<name>.toml` (CosmoSim draws the images
 at 512 px, crops 256 and centres; --image-size resizes them) with the problem's targets, then `evaluate.py` on
-the validation and test splits, and prints per target R² (circular for angles) and MAE, the uniform mean as
-they compute it, the mean over the identifiable parameters and the mean over the amplitudes, beside their
-figure. A Sersic-sphere source has no sigma2 or theta to see: those are reported, flagged, and kept out of
-the means over identifiable parameters (they stay in the uniform mean, as in theirs).
+the validation and test splits (with one view, --no-tta, then as evaluate.py does by default for these targets:
+each image's predictions averaged over its 8 rotations and mirrors), and prints per target R² (circular for
+angles) and MAE, the uniform mean as they compute it, the mean over the identifiable parameters and the mean
+over the amplitudes, beside their figure. A Sersic-sphere source has no sigma2 or theta to see: those are
+reported, flagged, and kept out of the means over identifiable parameters (they stay in the uniform mean, as in
+theirs).
 
     python bench/cosmosim_problems.py --problems sie --image-size 128 --num-train 3000 --epochs 10    # CPU
     python bench/cosmosim_problems.py --image-size 256 --num-train 10000 --num-validation 1000 \\
@@ -127,18 +129,24 @@ def main() -> None:
         if args.data_dir:
             options += ["--data-dir", args.data_dir]
         seconds = {"train": run("train.py", *options, *extra)}
-        reports = {}
+        reports, one_view = {}, {}
         for split in ("validation", "test"):
-            seconds[f"evaluate {split}"] = run("evaluate.py", "--workdir", workdir, "--split", split)
-            with open(os.path.join(workdir, f"eval_{split}.json")) as f:
-                reports[split] = json.load(f)
+            # One view first, then evaluate.py's default (the 8 rotations and mirrors averaged for these targets),
+            # whose files stay in the workdir.
+            for tta, kept in (("--no-tta", one_view), ("--tta", reports)):
+                key = f"evaluate {split}" + (" (one view)" if kept is one_view else "")
+                seconds[key] = run("evaluate.py", "--workdir", workdir, "--split", split, tta)
+                with open(os.path.join(workdir, f"eval_{split}.json")) as f:
+                    kept[split] = json.load(f)
         results[name] = {
             "seconds": seconds,
             "summary": {split: summarize(report, problem) for split, report in reports.items()},
+            "summary_one_view": {split: summarize(report, problem) for split, report in one_view.items()},
             "reports": reports,
             "settings": {**vars(args), "extra": extra},
         }
         print(table(name, problem, reports), flush=True)
+        print(f"one view (evaluate.py --no-tta): {results[name]['summary_one_view']}", flush=True)
         print(f"wall clock: {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}\n", flush=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)

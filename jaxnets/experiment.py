@@ -10,7 +10,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,7 @@ from jaxnets import data as data_lib
 from jaxnets.checkpoint import CHECKPOINT_DIR, Checkpointer
 from jaxnets.config import Config, format_value
 from jaxnets.data import pipeline
+from jaxnets.data.symmetry import SYMMETRIES, TargetSymmetry, transform_images
 from jaxnets.data.targets import TargetEncoding, parse_axis_ratios, parse_weights
 from jaxnets.models import MLP, Inception3
 from jaxnets.workdir_lock import WorkdirBusy, WorkdirLock
@@ -165,7 +166,7 @@ def _target_option(
 
 
 # The Config fields whose default depends on the data
-DATA_DEFAULTS = ("loss", "dropout", "target_weights", "angle_axes", "lr")
+DATA_DEFAULTS = ("loss", "dropout", "target_weights", "angle_axes", "lr", "augment")
 
 
 def with_data_defaults(config: Config, dataset: data_lib.Dataset, saved: Config | None = None) -> Config:
@@ -183,9 +184,40 @@ def with_data_defaults(config: Config, dataset: data_lib.Dataset, saved: Config 
         loss=config.loss or default_loss(dataset),
         lr=default_lr(dataset) if config.lr is None else config.lr,
         dropout=dropout(config, dataset),
+        augment=has_symmetry(dataset) if config.augment is None else config.augment,
         target_weights=tuple(f"{name}:{weight!r}" for name, weight in weights.items()),
         angle_axes=tuple(f"{angle}:{minor}/{major}" for angle, (minor, major) in axes.items()),
     )
+
+
+def target_symmetry(dataset: data_lib.Dataset) -> TargetSymmetry:
+    """How the square's rotations and mirrors move the targets (jaxnets.data.symmetry) of CosmoSim regression data;
+    ValueError saying why for other data or targets without such a rule."""
+    if dataset.task != "regression" or not dataset.name.startswith("csv:"):
+        raise ValueError(f"rotations and mirrors apply to regression on CosmoSim data; {dataset.name!r} is not")
+    height, width, _ = dataset.image_shape
+    if height != width:
+        raise ValueError(f"rotations apply to square images; {dataset.name!r} has {height} x {width} px")
+    return TargetSymmetry.for_targets(dataset.target_names, dataset.angles)
+
+
+def has_symmetry(dataset: data_lib.Dataset) -> bool:
+    """Whether target_symmetry has a rule for the dataset: what --augment and --tta default to."""
+    try:
+        target_symmetry(dataset)
+    except ValueError:
+        return False
+    return True
+
+
+def _augmentation(config: Config, dataset: data_lib.Dataset) -> TargetSymmetry | None:
+    """--augment's rule for the targets, None without --augment; RunError when the data has none."""
+    if not config.augment:
+        return None
+    try:
+        return target_symmetry(dataset)
+    except ValueError as error:
+        raise RunError(f"--augment: {error}") from None
 
 
 def output_names(dataset: data_lib.Dataset) -> tuple[str, ...]:
@@ -454,6 +486,7 @@ def train_and_evaluate(config: Config) -> dict:
         train=True,
         seed=config.seed,
         encoding=encoding,
+        augment=_augmentation(config, dataset),
         read_threads=config.read_threads,
     )
     validation_batches = functools.partial(
@@ -556,12 +589,27 @@ def _saved_encoding(record: dict, dataset: data_lib.Dataset) -> TargetEncoding:
     return dataclasses.replace(plain, mean=mean, std=std)
 
 
+def _moved(batches: Iterable[dict], view: np.ndarray) -> Iterator[dict]:
+    """The batches with their images moved by view (one of the square's symmetries); the targets as they are."""
+    for batch in batches:
+        yield dict(batch, image=transform_images(batch["image"], view))
+
+
 def evaluate_run(
-    workdir: str, *, step: int | None = None, which: str = "best", split: str = "test", data_dir: str | None = None
+    workdir: str,
+    *,
+    step: int | None = None,
+    which: str = "best",
+    split: str = "test",
+    data_dir: str | None = None,
+    tta: bool | None = None,
 ) -> dict:
     """The no-grad test loop on a saved run: rebuilds model and data from the workdir's config,
     restores a checkpoint (step, or the best / latest), writes eval_<split>.json,
-    predictions_<split>.csv and predictions_<split>.png, and returns the report."""
+    predictions_<split>.csv and predictions_<split>.png, and returns the report.
+
+    tta (test-time augmentation): predict each image in all 8 of the square's rotations and mirrors, move each
+    prediction back and average them (default: when the targets have such a rule, CosmoSim data)."""
     if not os.path.isdir(workdir):
         raise RunError(f"workdir {workdir!r} does not exist: train first (python train.py --workdir ...)")
     if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
@@ -588,6 +636,12 @@ def evaluate_run(
     dataset = load_data(config)
     if split not in dataset.splits:
         raise RunError(f"dataset {dataset.name!r} has no split {split!r}; it has {sorted(dataset.splits)}")
+    if tta is None:
+        tta = has_symmetry(dataset)
+    try:
+        symmetry = target_symmetry(dataset) if tta else None
+    except ValueError as error:
+        raise RunError(f"--tta: {error}") from None
     loss_fn = loss_function(config, dataset)
     # The checkpoint holds every weight: the template needs only the shapes, not --init-from's file.
     template = training.TrainState.create(
@@ -605,22 +659,32 @@ def evaluate_run(
     validation_loss = checkpointer.validation_loss(step)
     mesh = training.data_mesh()
     encoding = _saved_encoding(record, dataset) if dataset.task == "regression" else None
-    batches = pipeline.batches(dataset, split, config.batch_size, train=False, encoding=encoding)
-    result = training.evaluate(
-        training.replicate(training.with_ema_params(state), mesh),
-        batches,
-        training.make_eval_step(loss_fn, with_predictions=True),
-        mesh,
-        with_predictions=True,
-    )
+    state = training.replicate(training.with_ema_params(state), mesh)
+    eval_step = training.make_eval_step(loss_fn, with_predictions=True)
+    views = SYMMETRIES if symmetry is not None else SYMMETRIES[:1]
+    results = [
+        training.evaluate(
+            state,
+            _moved(pipeline.batches(dataset, split, config.batch_size, train=False, encoding=encoding), view),
+            eval_step,
+            mesh,
+            with_predictions=True,
+        )
+        for view in views
+    ]
+    result = results[0]
     predictions, true = result["predictions"], result["targets"]
     if dataset.task == "regression":
+        if symmetry is not None:
+            predictions = symmetry.average_outputs(encoding, [view["predictions"] for view in results], views)
+            result["loss"] = float(loss_fn(predictions, encoding.encode(true)))
         predictions = encoding.decode(predictions)  # true holds the raw targets: the batches carry them
         summary = metrics.regression_report(true, predictions, dataset.target_names, periods=encoding.periods)
     else:
         summary = metrics.classification_report(true, predictions, dataset.target_names)
     summary.update(
         loss=result["loss"],
+        views=len(views),
         split=split,
         step=int(step),
         checkpoint=which,

@@ -130,6 +130,69 @@ def test_data_seed_keeps_the_data_while_seed_varies(tmp_path):
     assert split_rows(seed=1, data_seed=0) == split_rows(seed=0) != split_rows(seed=1)
 
 
+def test_augment_defaults_on_for_cosmosim_targets_with_rotation_rules_only(tmp_path):
+    def dataset(name, *targets, shape=(8, 8, 1)):
+        return Dataset(name=name, task="regression", splits={}, image_shape=shape, target_names=targets)
+
+    roulette = ("sigma", "xiX", "xiY", "alpha[0][1]", "beta[0][1]", "theta")
+    cases = [
+        (dataset("csv:sie", *roulette), True),
+        (dataset("csv:other", "sigma", "flux"), False),  # flux: no rule known
+        (dataset("csv:wide", *roulette, shape=(8, 12, 1)), False),  # not square
+        (dataset("lens", "x", "y", "sigma"), False),  # the built-in lens data is not CosmoSim's
+    ]
+    for data, expected in cases:
+        assert experiment.with_data_defaults(Config(), data).augment is expected
+    with pytest.raises(experiment.RunError, match="--augment: no rotation or mirror rule for the targets flux"):
+        experiment._augmentation(Config(augment=True), cases[1][0])
+    with pytest.raises(experiment.RunError, match="--augment: rotations and mirrors apply to regression on CosmoSim"):
+        experiment._augmentation(Config(augment=True), cases[3][0])
+    Config().save(str(tmp_path))  # a run saved before --augment existed trained without it
+    values = json.loads((tmp_path / "config.json").read_text())
+    del values["augment"]
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    assert Config.load(str(tmp_path)).augment is False
+
+
+def write_roulette_csv(folder, num_rows=40):
+    """A CosmoSim-like roulette CSV (sigma, xiX, xiY, alpha/beta[0][1]) with 16 px square random images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir(parents=True)
+    with open(folder / "roulette.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["filename", "sigma", "xiX", "xiY", "alpha[0][1]", "beta[0][1]"])
+        for i in range(num_rows):
+            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), "L").save(folder / f"images/{i}.png")
+            writer.writerow([f"images/{i}.png", *rng.normal(size=5).round(4)])
+    return folder / "roulette.csv"
+
+
+@pytest.mark.slow
+def test_a_cosmosim_run_trains_augmented_and_evaluates_over_the_eight_views(tmp_path, finished_run):
+    csv_file = write_roulette_csv(tmp_path / "csv")
+    workdir = tmp_path / "run"
+    tiny = dict(TINY, num_train=None, num_validation=None, num_test=None, image_size=None, epochs=1)
+    args = cli_args(**{k: v for k, v in tiny.items() if v is not None}, workdir=workdir, data_dir=tmp_path / "tfds")
+    trained = run_script("train.py", "--data", csv_file, "--targets", "sigma,xiX,xiY,alpha[*][*],beta[*][*]", *args)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert Config.load(str(workdir)).augment is True
+    averaged = run_script("evaluate.py", "--workdir", workdir)
+    assert averaged.returncode == 0, averaged.stderr[-3000:]
+    assert "averaged over 8 rotations and mirrors" in averaged.stdout
+    report = json.loads((workdir / "eval_test.json").read_text())
+    single = run_script("evaluate.py", "--workdir", workdir, "--no-tta")
+    assert single.returncode == 0 and "rotations" not in single.stdout
+    single_report = json.loads((workdir / "eval_test.json").read_text())
+    assert (report["views"], single_report["views"]) == (8, 1)
+    assert report["parameters"]["xiX"]["mae"] != single_report["parameters"]["xiX"]["mae"]
+    lens_workdir, _, _ = finished_run
+    refused = run_script("evaluate.py", "--workdir", lens_workdir, "--tta")
+    assert refused.returncode == 2
+    assert "--tta: rotations and mirrors apply to regression on CosmoSim data; 'lens' is not" in refused.stderr
+
+
 @pytest.mark.slow
 def test_a_run_trains_and_reports_with_the_weighted_encoding(finished_run):
     # The default run weighs theta (lens.LOSS_WEIGHTS): its saved encoding has theta's columns at sqrt(weight) times

@@ -174,3 +174,37 @@ def test_named_dataset_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(tfds, "data_source", needs_tensorflow)
     with pytest.raises(ImportError, match=r"needs TensorFlow .* pip install 'jaxnets\[tf\]'"):
         load_dataset("mnist", data_dir=str(tmp_path))
+
+
+def test_augmentation_moves_each_image_and_its_targets_by_one_symmetry_drawn_per_example():
+    from jaxnets.data.symmetry import SYMMETRIES, TargetSymmetry, transform_images
+
+    rng = np.random.default_rng(1)
+    names = ("sigma", "xiX", "xiY", "alpha[0][1]", "beta[0][1]")
+    examples = [
+        {"image": rng.integers(0, 256, (4, 4, 1), dtype=np.uint8), "target": rng.normal(size=5).astype(np.float32)}
+        for _ in range(12)
+    ]
+    dataset = Dataset("csv:toy", "regression", {"train": Examples(examples, target_key="target")}, (4, 4, 1), names)
+    symmetry = TargetSymmetry.for_targets(names)
+
+    def moves(batch_size: int, epoch: int) -> dict[int, int]:
+        """{example: the symmetry it was moved by}, checking that its image and targets moved alike."""
+        found = {}
+        for batch in batches(dataset, "train", batch_size, train=True, epoch=epoch, augment=symmetry):
+            for row, index in enumerate(batch["index"]):
+                source = examples[index]
+                pixels = np.rint(batch["image"][row] * 255).astype(np.uint8)
+                # random pixels: exactly one of the 8 moves gives the batch's image
+                (k,) = [
+                    k for k, m in enumerate(SYMMETRIES) if np.array_equal(transform_images(source["image"], m), pixels)
+                ]
+                np.testing.assert_allclose(batch["target"][row], symmetry.apply(source["target"], SYMMETRIES[k]), 1e-6)
+                found[int(index)] = k
+        return found
+
+    first = moves(4, epoch=1)
+    assert first == moves(3, epoch=1)  # drawn per example from (seed, epoch): the batch size changes nothing
+    assert first != moves(4, epoch=2) and len(set(first.values())) > 2
+    with pytest.raises(ValueError, match="augment applies to training batches"):
+        batches(dataset, "train", 4, train=False, augment=symmetry)

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from jaxnets.config import Config
+from jaxnets.data.symmetry import SYMMETRIES, TargetSymmetry, transform_images
 from jaxnets.data.targets import TargetEncoding
 
 # Batches prepared ahead in background threads. Decoding (zlib, numpy) releases the GIL, so two threads
@@ -82,6 +83,23 @@ class _Padded:
         return self.source[index] if index < len(self.source) else self.padding
 
 
+def _augmentation(symmetry: TargetSymmetry, seed: int, epoch: int, count: int):
+    """Per batch: each example moved by one of the square's 8 symmetries, images and targets alike. The choice is
+    drawn per example of the split from (seed, epoch), so it does not depend on the batching or a resume."""
+    choices = np.random.default_rng([int(seed), int(epoch), len(SYMMETRIES)]).integers(len(SYMMETRIES), size=count)
+
+    def augment(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        chosen = choices[batch["index"]]
+        image, target = batch["image"].copy(), batch["target"].astype(np.float64)
+        for k in np.unique(chosen):
+            rows = chosen == k
+            image[rows] = transform_images(batch["image"][rows], SYMMETRIES[k])
+            target[rows] = symmetry.apply(target[rows], SYMMETRIES[k])
+        return dict(batch, image=image, target=target.astype(np.float32))
+
+    return augment
+
+
 def _finish(encoding: TargetEncoding | None, keep_raw: bool):
     """Per batch: uint8 images to float32 in [0, 1], encoded targets (and the raw ones, with keep_raw), int32
     labels."""
@@ -118,6 +136,7 @@ def batches(
     start_batch: int = 0,
     standardize: tuple[np.ndarray, np.ndarray] | None = None,
     encoding: TargetEncoding | None = None,
+    augment: TargetSymmetry | None = None,
     read_threads: int = READ_THREADS,
     process_index: int | None = None,
     process_count: int | None = None,
@@ -130,6 +149,7 @@ def batches(
     train=True: shuffled by (seed, epoch), remainder dropped, every row real.
     train=False: in order, the last batch padded with mask 0, so each example appears exactly once.
     start_batch skips that many batches of the epoch without reading them (exact mid-epoch resume).
+    augment: training only: each example rotated or mirrored at random, its targets moved with it by this rule.
     read_threads: threads reading and preparing examples ahead of the train step (more for a slow source).
     Under multi-process JAX each process gets rows [p*b, (p+1)*b) of every global batch.
     """
@@ -140,6 +160,8 @@ def batches(
         raise ValueError(f"start_batch must be in [0, {total}] for {split!r}, got {start_batch}")
     if (standardize is not None or encoding is not None) and dataset.task != "regression":
         raise ValueError("standardize and encoding apply to regression targets only")
+    if augment is not None and not train:
+        raise ValueError("augment applies to training batches (train=True)")
     if standardize is not None and encoding is not None:
         raise ValueError("give standardize=(mean, std) or a TargetEncoding (which standardises), not both")
     # A TargetEncoding's batches also carry the raw targets; plain standardisation leaves undoing it to the caller.
@@ -156,6 +178,8 @@ def batches(
     # Slicing the grouped dataset is lazy, so skipped batches and other processes' rows are never read.
     groups = examples.batch(local, drop_remainder=True)
     mine = groups[index::count][start_batch:]
+    if augment is not None:
+        mine = mine.map(_augmentation(augment, seed, epoch, len(source)))
     ready = mine.map(_finish(encoding, keep_raw))
     if read_threads < 1:
         raise ValueError(f"read_threads must be at least 1, got {read_threads}")
