@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         action=argparse.BooleanOptionalAction,
         help="test-time augmentation: predict each image in all 8 of the square's rotations and mirrors, move the "
         "predictions back (xiX/xiY, angles and roulette amplitudes turn with the image) and average them "
-        "(default: on for CosmoSim targets that all have such a rule, as train.py's --augment)",
+        "(default: on for CosmoSim targets that all have such a rule and square images)",
     )
     args = parser.parse_args(argv)
     from jaxnets import experiment  # after argument parsing, so --help is instant

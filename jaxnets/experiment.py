@@ -166,7 +166,7 @@ def _target_option(
 
 
 # The Config fields whose default depends on the data
-DATA_DEFAULTS = ("loss", "dropout", "target_weights", "angle_axes", "lr", "augment")
+DATA_DEFAULTS = ("loss", "dropout", "target_weights", "angle_axes", "lr")
 
 
 def with_data_defaults(config: Config, dataset: data_lib.Dataset, saved: Config | None = None) -> Config:
@@ -184,7 +184,6 @@ def with_data_defaults(config: Config, dataset: data_lib.Dataset, saved: Config 
         loss=config.loss or default_loss(dataset),
         lr=default_lr(dataset) if config.lr is None else config.lr,
         dropout=dropout(config, dataset),
-        augment=has_symmetry(dataset) if config.augment is None else config.augment,
         target_weights=tuple(f"{name}:{weight!r}" for name, weight in weights.items()),
         angle_axes=tuple(f"{angle}:{minor}/{major}" for angle, (minor, major) in axes.items()),
     )
@@ -202,7 +201,7 @@ def target_symmetry(dataset: data_lib.Dataset) -> TargetSymmetry:
 
 
 def has_symmetry(dataset: data_lib.Dataset) -> bool:
-    """Whether target_symmetry has a rule for the dataset: what --augment and --tta default to."""
+    """Whether target_symmetry has a rule for the dataset: what evaluate.py's --tta defaults to."""
     try:
         target_symmetry(dataset)
     except ValueError:

@@ -130,7 +130,7 @@ def test_data_seed_keeps_the_data_while_seed_varies(tmp_path):
     assert split_rows(seed=1, data_seed=0) == split_rows(seed=0) != split_rows(seed=1)
 
 
-def test_augment_defaults_on_for_cosmosim_targets_with_rotation_rules_only(tmp_path):
+def test_rotations_apply_to_cosmosim_targets_with_rules_and_are_refused_elsewhere():
     def dataset(name, *targets, shape=(8, 8, 1)):
         return Dataset(name=name, task="regression", splits={}, image_shape=shape, target_names=targets)
 
@@ -141,17 +141,16 @@ def test_augment_defaults_on_for_cosmosim_targets_with_rotation_rules_only(tmp_p
         (dataset("csv:wide", *roulette, shape=(8, 12, 1)), False),  # not square
         (dataset("lens", "x", "y", "sigma"), False),  # the built-in lens data is not CosmoSim's
     ]
-    for data, expected in cases:
-        assert experiment.with_data_defaults(Config(), data).augment is expected
+    assert [experiment.has_symmetry(data) for data, _ in cases] == [expected for _, expected in cases]
+    assert Config().augment is False  # an option: evaluate.py's averaging is the default use
+    assert experiment._augmentation(Config(augment=True), cases[0][0]).names == roulette
+    assert experiment._augmentation(Config(), cases[0][0]) is None
     with pytest.raises(experiment.RunError, match="--augment: no rotation or mirror rule for the targets flux"):
         experiment._augmentation(Config(augment=True), cases[1][0])
+    with pytest.raises(experiment.RunError, match="--augment: rotations apply to square images; 'csv:wide'"):
+        experiment._augmentation(Config(augment=True), cases[2][0])
     with pytest.raises(experiment.RunError, match="--augment: rotations and mirrors apply to regression on CosmoSim"):
         experiment._augmentation(Config(augment=True), cases[3][0])
-    Config().save(str(tmp_path))  # a run saved before --augment existed trained without it
-    values = json.loads((tmp_path / "config.json").read_text())
-    del values["augment"]
-    (tmp_path / "config.json").write_text(json.dumps(values))
-    assert Config.load(str(tmp_path)).augment is False
 
 
 def write_roulette_csv(folder, num_rows=40):
@@ -175,7 +174,8 @@ def test_a_cosmosim_run_trains_augmented_and_evaluates_over_the_eight_views(tmp_
     workdir = tmp_path / "run"
     tiny = dict(TINY, num_train=None, num_validation=None, num_test=None, image_size=None, epochs=1)
     args = cli_args(**{k: v for k, v in tiny.items() if v is not None}, workdir=workdir, data_dir=tmp_path / "tfds")
-    trained = run_script("train.py", "--data", csv_file, "--targets", "sigma,xiX,xiY,alpha[*][*],beta[*][*]", *args)
+    targets = "sigma,xiX,xiY,alpha[*][*],beta[*][*]"
+    trained = run_script("train.py", "--data", csv_file, "--targets", targets, "--augment", *args)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert Config.load(str(workdir)).augment is True
     averaged = run_script("evaluate.py", "--workdir", workdir)
