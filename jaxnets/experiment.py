@@ -675,7 +675,7 @@ def evaluate_run(
     predictions, true = result["predictions"], result["targets"]
     if dataset.task == "regression":
         if symmetry is not None:
-            predictions = symmetry.average_outputs(encoding, [view["predictions"] for view in results], views)
+            predictions = symmetry.average_outputs(encoding, [each["predictions"] for each in results], views)
             result["loss"] = float(loss_fn(predictions, encoding.encode(true)))
         predictions = encoding.decode(predictions)  # true holds the raw targets: the batches carry them
         summary = metrics.regression_report(true, predictions, dataset.target_names, periods=encoding.periods)
