@@ -196,18 +196,12 @@ class TargetEncoding:
         kept (the length says how sure the network is of the direction). float64 [..., W]."""
         encoded = np.asarray(encoded, np.float64)
         raw = encoded * self.std + self.mean if self.mean is not None else encoded
-        moved = move(self.decode(encoded))
-        columns, column = [], 0
-        for i, period in enumerate(self.periods):
-            if period is None:
-                columns.append(moved[..., i])
-                column += 1
-            else:
-                length = np.hypot(raw[..., column], raw[..., column + 1])
-                turn = moved[..., i] * (2 * math.pi / period)
-                columns += [length * np.cos(turn), length * np.sin(turn)]
-                column += 2
-        result = np.stack(columns, axis=-1)
+        unscaled = dataclasses.replace(self, mean=None, std=None, axis_ratios=())  # angles as unit (cos, sin)
+        result = unscaled.encode(move(self.decode(encoded)))
+        for angle in self.angles:
+            cos_column = self.encoded_names.index(f"{angle} cos")
+            length = np.hypot(raw[..., cos_column], raw[..., cos_column + 1])
+            result[..., cos_column : cos_column + 2] *= length[..., None]
         return (result - self.mean) / self.std if self.mean is not None else result
 
     def to_json(self) -> dict:
