@@ -6,6 +6,7 @@ This module is the edge of the library: it prints, draws progress bars and write
 
 import dataclasses
 import functools
+import math
 import os
 import sys
 import time
@@ -209,7 +210,7 @@ def has_symmetry(dataset: data_lib.Dataset) -> bool:
     return True
 
 
-def _augmentation(config: Config, dataset: data_lib.Dataset) -> TargetSymmetry | None:
+def _augment_rule(config: Config, dataset: data_lib.Dataset) -> TargetSymmetry | None:
     """--augment's rule for the targets, None without --augment; RunError when the data has none."""
     if not config.augment:
         return None
@@ -279,8 +280,25 @@ def _from_torch(config: Config, dataset: data_lib.Dataset, kwargs: dict, rngs: n
     return model
 
 
+# What a number-valued option must be: (field, test of its value, the requirement as the error states it)
+_OPTION_RANGES = (
+    ("epochs", lambda value: value >= 1, "at least 1"),
+    ("lr", lambda value: value is None or (math.isfinite(value) and value > 0), "a positive number"),
+    ("weight_decay", lambda value: math.isfinite(value) and value >= 0, "0 or more"),
+    ("ema", lambda value: 0 <= value < 1, "0 (off) or a decay in (0, 1)"),
+    ("dropout", lambda value: value is None or 0 <= value < 1, "a probability in [0, 1)"),
+    ("freeze_backbone_epochs", lambda value: value >= 0, "0 or more"),
+    ("hidden", lambda value: all(size >= 1 for size in value), "layer sizes of at least 1"),
+    ("head_features", lambda value: all(size >= 1 for size in value), "layer sizes of at least 1"),
+)
+
+
 def check_options(config: Config) -> None:
-    """Refuses option combinations that cannot work, before any data is read."""
+    """Refuses option values and combinations that cannot work, before any data is read."""
+    for name, test, requirement in _OPTION_RANGES:
+        value = getattr(config, name)
+        if not test(value):
+            raise RunError(f"--{name.replace('_', '-')} must be {requirement}; got {format_value(value)}")
     if config.init_from and config.model != "inception3":
         raise RunError(f"--init-from loads an Inception3; --model is {config.model}")
     if config.fine_tune and not config.init_from:
@@ -485,7 +503,7 @@ def train_and_evaluate(config: Config) -> dict:
         train=True,
         seed=config.seed,
         encoding=encoding,
-        augment=_augmentation(config, dataset),
+        augment=_augment_rule(config, dataset),
         read_threads=config.read_threads,
     )
     validation_batches = functools.partial(

@@ -143,14 +143,14 @@ def test_rotations_apply_to_cosmosim_targets_with_rules_and_are_refused_elsewher
     ]
     assert [experiment.has_symmetry(data) for data, _ in cases] == [expected for _, expected in cases]
     assert Config().augment is False  # an option: evaluate.py's averaging is the default use
-    assert experiment._augmentation(Config(augment=True), cases[0][0]).names == roulette
-    assert experiment._augmentation(Config(), cases[0][0]) is None
+    assert experiment._augment_rule(Config(augment=True), cases[0][0]).names == roulette
+    assert experiment._augment_rule(Config(), cases[0][0]) is None
     with pytest.raises(experiment.RunError, match="--augment: no rotation or mirror rule for the targets flux"):
-        experiment._augmentation(Config(augment=True), cases[1][0])
+        experiment._augment_rule(Config(augment=True), cases[1][0])
     with pytest.raises(experiment.RunError, match="--augment: rotations apply to square images; 'csv:wide'"):
-        experiment._augmentation(Config(augment=True), cases[2][0])
+        experiment._augment_rule(Config(augment=True), cases[2][0])
     with pytest.raises(experiment.RunError, match="--augment: rotations and mirrors apply to regression on CosmoSim"):
-        experiment._augmentation(Config(augment=True), cases[3][0])
+        experiment._augment_rule(Config(augment=True), cases[3][0])
 
 
 def write_roulette_csv(folder, num_rows=40):
@@ -279,6 +279,28 @@ def test_resume_gives_identical_parameters_and_history(tmp_path):
     lines = [[json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")] for name in ("straight", "split")]
     strip = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # noqa: E731
     assert strip(lines[0]) == strip(lines[1])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(lr=-1.0), "--lr must be a positive number; got -1.0"),  # trained by gradient ascent before
+        (dict(lr=0.0), "--lr must be a positive number; got 0.0"),
+        (dict(lr=float("nan")), "--lr must be a positive number; got nan"),
+        (dict(epochs=0), "--epochs must be at least 1; got 0"),  # said "Run saved" with nothing trained
+        (dict(weight_decay=-0.1), "--weight-decay must be 0 or more; got -0.1"),
+        (dict(ema=1.0), r"--ema must be 0 \(off\) or a decay in \(0, 1\); got 1.0"),
+        (dict(dropout=1.5), r"--dropout must be a probability in \[0, 1\); got 1.5"),
+        (dict(hidden=(32, 0)), "--hidden must be layer sizes of at least 1; got 32,0"),  # ZeroDivisionError before
+        (dict(model="inception3", head_features=(-3,)), "--head-features must be layer sizes of at least 1; got -3"),
+        (dict(freeze_backbone_epochs=-1), "--freeze-backbone-epochs must be 0 or more; got -1"),
+    ],
+)
+def test_an_option_out_of_range_is_refused_before_anything_is_written(tmp_path, change, message):
+    with pytest.raises(experiment.RunError, match=f"^{message}$") as refused:
+        experiment.train_and_evaluate(tiny_config(tmp_path, **change))
+    assert refused.value.exit_code == 2
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
 
 
 def test_incompatible_workdir_is_refused_with_the_differences(tmp_path):

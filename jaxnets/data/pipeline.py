@@ -83,7 +83,7 @@ class _Padded:
         return self.source[index] if index < len(self.source) else self.padding
 
 
-def _augmentation(symmetry: TargetSymmetry, seed: int, epoch: int, count: int):
+def _random_views(symmetry: TargetSymmetry, seed: int, epoch: int, count: int):
     """Per batch: each example moved by one of the square's 8 symmetries, images and targets alike. The choice is
     drawn per example of the split from (seed, epoch), so it does not depend on the batching or a resume."""
     choices = np.random.default_rng([int(seed), int(epoch), len(SYMMETRIES)]).integers(len(SYMMETRIES), size=count)
@@ -179,7 +179,7 @@ def batches(
     groups = examples.batch(local, drop_remainder=True)
     mine = groups[index::count][start_batch:]
     if augment is not None:
-        mine = mine.map(_augmentation(augment, seed, epoch, len(source)))
+        mine = mine.map(_random_views(augment, seed, epoch, len(source)))
     ready = mine.map(_finish(encoding, keep_raw))
     if read_threads < 1:
         raise ValueError(f"read_threads must be at least 1, got {read_threads}")
