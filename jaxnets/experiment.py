@@ -4,13 +4,16 @@ resume where a run stopped, and evaluate a saved run (the work behind train.py a
 This module is the edge of the library: it prints, draws progress bars and writes files.
 """
 
+import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
 import sys
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 
 import jax
@@ -69,6 +72,7 @@ def setup_jax(config: Config) -> None:
     absl_logging.set_verbosity(absl_logging.ERROR)  # orbax/TFDS info lines would bury the epoch lines
     if config.distributed:
         jax.distributed.initialize()  # reads the coordinator from Slurm (or JAX_COORDINATOR_ADDRESS...)
+        jax.devices()  # the processes exchange their devices now, before any of them can fail alone
     if config.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", os.path.abspath(config.compilation_cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
@@ -355,6 +359,56 @@ def build_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTrans
 # Training
 
 
+# Options each host of a multi-process run may set for itself: where it finds its files and how it reads them
+HOST_LOCAL_OPTIONS = ("data_dir", "image_dir", "read_threads", "compilation_cache")
+_MESSAGE_BYTES = 1000
+
+
+@contextlib.contextmanager
+def _starting_together(config: Config):
+    """The start-up of a multi-process run (reading the data, building the model; no collective), ended by one exchange
+    between the processes: if one failed, every other stops too, with RunError naming it, instead of waiting
+    for it at their first collective; if their options differ (a Slurm script passing another --lr to one
+    task), all stop naming the options, instead of training diverging copies of the model. One process: a
+    no-op."""
+    if jax.process_count() == 1:
+        yield
+        return
+    failure = None
+    try:
+        yield
+    except Exception as error:  # shared first, raised below
+        failure = error
+    message = np.zeros(_MESSAGE_BYTES, np.uint8)
+    if failure is not None:
+        text = (str(failure) or type(failure).__name__).encode()[: _MESSAGE_BYTES - 1]
+        message[0], message[1 : 1 + len(text)] = 1, np.frombuffer(text, np.uint8)
+    options = np.array([zlib.crc32(json.dumps(value).encode()) for name, value in _shared_options(config)], np.uint32)
+    messages, all_options = (multihost_utils.process_allgather(a) for a in (message, options))
+    if failure is not None:
+        raise failure
+    failed = [i for i in range(len(messages)) if messages[i][0]]
+    if failed:
+        text = bytes(messages[failed[0]][1:]).rstrip(b"\0").decode(errors="replace")
+        raise RunError(f"process {failed[0]} of this run failed to start, so this one stops too: {text}")
+    differing = [
+        name for (name, _), column in zip(_shared_options(config), all_options.T, strict=True) if len(set(column)) > 1
+    ]
+    if differing:
+        raise RunError(
+            "the processes of this run were given different options: "
+            + ", ".join("--" + name.replace("_", "-") for name in differing)
+            + "; give every task the same command (only "
+            + ", ".join("--" + name.replace("_", "-") for name in HOST_LOCAL_OPTIONS)
+            + " may differ)"
+        )
+
+
+def _shared_options(config: Config) -> list[tuple[str, object]]:
+    """(name, value) of every option all processes of a run must share, in Config's order."""
+    return [(name, value) for name, value in dataclasses.asdict(config).items() if name not in HOST_LOCAL_OPTIONS]
+
+
 def _lock_workdir(workdir: str) -> WorkdirLock | None:
     """The workdir's lock, taken by the run's first process (a multi-process run shares its workdir); every
     process of a second run on the same workdir is refused with RunError, before anything is written."""
@@ -472,44 +526,46 @@ def train_and_evaluate(config: Config) -> dict:
     check_options(config)
     setup_jax(config)
     workdir = config.run_dir
-    dataset = load_data(config)
-    saved = _saved_config(workdir)
-    config = with_data_defaults(config, dataset, saved)
-    if saved is not None:  # resuming: a run saved before the data defaults were written out left some None
-        _check_saved_config(config, with_data_defaults(saved, dataset), workdir)
-    loss_fn = loss_function(config, dataset)
-    mesh = training.data_mesh()
-    if config.batch_size % mesh.size:
-        raise RunError(f"--batch-size {config.batch_size} must be a multiple of the {mesh.size} devices")
-    steps_per_epoch = pipeline.num_batches(dataset, "train", config.batch_size, train=True)
-    pipeline.num_batches(dataset, "validation", config.batch_size, train=False)  # fails now, not after epoch 1
-    weights, axes = target_weights(config, dataset), angle_axes(config, dataset)
-    encoding = None
-    if dataset.task == "regression":
-        encoding = dataset.target_encoding(standardize=config.standardize, weights=weights, axis_ratios=axes)
+    with _starting_together(config):  # a multi-process run: all go on, or all stop with the reason
+        dataset = load_data(config)
+        saved = _saved_config(workdir)
+        config = with_data_defaults(config, dataset, saved)
+        if saved is not None:  # resuming: a run saved before the data defaults were written out left some None
+            _check_saved_config(config, with_data_defaults(saved, dataset), workdir)
+        loss_fn = loss_function(config, dataset)
+        mesh = training.data_mesh()
+        if config.batch_size % mesh.size:
+            raise RunError(f"--batch-size {config.batch_size} must be a multiple of the {mesh.size} devices")
+        steps_per_epoch = pipeline.num_batches(dataset, "train", config.batch_size, train=True)
+        pipeline.num_batches(dataset, "validation", config.batch_size, train=False)  # fails now, not after epoch 1
+        weights, axes = target_weights(config, dataset), angle_axes(config, dataset)
+        encoding = None
+        if dataset.task == "regression":
+            encoding = dataset.target_encoding(standardize=config.standardize, weights=weights, axis_ratios=axes)
 
-    if config.init_from and saved is not None:
-        config_for_model = dataclasses.replace(config, init_from=None)  # resuming: the checkpoint has the weights
-    else:
-        config_for_model = config
-    model = build_model(config_for_model, dataset)
-    state = training.TrainState.create(model, build_optimizer(config, steps_per_epoch))
-    train_step, eval_step = training.make_train_step(loss_fn), training.make_eval_step(loss_fn)
-    train_batches = functools.partial(
-        pipeline.batches,
-        dataset,
-        "train",
-        config.batch_size,
-        train=True,
-        seed=config.seed,
-        encoding=encoding,
-        augment=_augment_rule(config, dataset),
-        read_threads=config.read_threads,
-    )
-    validation_batches = functools.partial(
-        pipeline.batches, dataset, "validation", config.batch_size, train=False, encoding=encoding
-    )
-    example = next(iter(train_batches()))
+        if config.init_from and saved is not None:
+            # resuming: the checkpoint has the weights
+            config_for_model = dataclasses.replace(config, init_from=None)
+        else:
+            config_for_model = config
+        model = build_model(config_for_model, dataset)
+        state = training.TrainState.create(model, build_optimizer(config, steps_per_epoch))
+        train_step, eval_step = training.make_train_step(loss_fn), training.make_eval_step(loss_fn)
+        train_batches = functools.partial(
+            pipeline.batches,
+            dataset,
+            "train",
+            config.batch_size,
+            train=True,
+            seed=config.seed,
+            encoding=encoding,
+            augment=_augment_rule(config, dataset),
+            read_threads=config.read_threads,
+        )
+        validation_batches = functools.partial(
+            pipeline.batches, dataset, "validation", config.batch_size, train=False, encoding=encoding
+        )
+        example = next(iter(train_batches()))
     lowered = _lower_train_step(train_step, training.replicate(state, mesh), training.shard_batch(example, mesh), model)
     # Everything is checked: only now is anything written to the workdir, by one run at a time.
     is_main = jax.process_index() == 0

@@ -3,6 +3,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -159,32 +160,61 @@ def test_train_py_distributed_on_two_slurm_tasks_matches_one_process(tmp_path, d
     """
     single = str(tmp_path / "single")
     experiment.train_and_evaluate(Config(**TINY, workdir=single, data_dir=data_dir))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
     workdir = str(tmp_path / "distributed")
-    args = [os.path.join(ROOT, "train.py"), "--distributed", *cli_args(**TINY, workdir=workdir, data_dir=data_dir)]
-    slurm = dict(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2", SLURM_LOCALID="0")
-    tasks = [
-        subprocess.Popen(
-            [sys.executable, *args],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **slurm, "SLURM_PROCID": str(i), "JAX_COORDINATOR_PORT": port},
-        )
-        for i in range(2)
-    ]
-    for task in tasks:
-        out, err = task.communicate(timeout=240)
-        assert task.returncode == 0, err[-3000:]
+    args = cli_args(**TINY, workdir=workdir, data_dir=data_dir)
+    for returncode, out, err in _slurm_tasks(args, args):
+        assert returncode == 0, err[-3000:]
         assert "Epoch 2: Loss" in out
     drop_seconds = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]  # noqa: E731
     ours, expected = drop_seconds(read_history(workdir, 2)), drop_seconds(read_history(single, 2))
     assert [r["epoch"] for r in ours] == [1, 2]
     for a, b in zip(ours, expected, strict=True):
         assert a == pytest.approx(b, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_task_that_fails_to_start_stops_its_peer_at_once_with_its_reason(tmp_path, data_dir):
+    # Before, the peer waited two minutes for the failed task's devices and died with a traceback.
+    args = cli_args(**TINY, workdir=str(tmp_path / "run"), data_dir=data_dir)
+    started = time.monotonic()
+    (first, _, first_err), (second, _, second_err) = _slurm_tasks(args, [*args, "--data-dir", "/proc/no-such-dir"])
+    assert time.monotonic() - started < 90
+    assert (first, second) == (2, 2), first_err[-3000:]
+    assert "No such file or directory: '/proc/no-such-dir'" in second_err
+    assert "process 1 of this run failed to start, so this one stops too: [Errno 2] No such file" in first_err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_tasks_given_different_options_are_refused_by_name(tmp_path, data_dir):
+    # Before, each task compiled its own step (here another learning rate) and the copies drifted apart silently.
+    args = cli_args(**TINY, workdir=str(tmp_path / "run"), data_dir=data_dir)
+    for returncode, _, err in _slurm_tasks(args, [*args, "--lr", "0.003", "--read-threads", "1"]):
+        assert returncode == 2
+        assert "the processes of this run were given different options: --lr; give every task the same" in err
+    assert not (tmp_path / "run").exists()
+
+
+def _slurm_tasks(*task_args: list[str]) -> list[tuple[int, str, str]]:
+    """Runs `train.py --distributed` as Slurm starts it, one task per argument list (the coordinator found from
+    the SLURM_* variables); (exit code, stdout, stderr) of each."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    slurm = dict(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS=str(len(task_args)))
+    tasks = [
+        subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "train.py"), "--distributed", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **slurm, "SLURM_LOCALID": "0", "SLURM_PROCID": str(i), "JAX_COORDINATOR_PORT": port},
+        )
+        for i, args in enumerate(task_args)
+    ]
+    outputs = [task.communicate(timeout=240) for task in tasks]
+    return [(task.returncode, out, err) for task, (out, err) in zip(tasks, outputs, strict=True)]
 
 
 def test_checkpoint_round_trip_keeps_everything(tmp_path, mesh):
