@@ -302,7 +302,7 @@ def check_options(config: Config) -> None:
     for name, test, requirement in _OPTION_RANGES:
         value = getattr(config, name)
         if not test(value):
-            raise RunError(f"--{name.replace('_', '-')} must be {requirement}; got {format_value(value)}")
+            raise RunError(f"{_flag(name)} must be {requirement}; got {format_value(value)}")
     if config.init_from and config.model != "inception3":
         raise RunError(f"--init-from loads an Inception3; --model is {config.model}")
     if config.fine_tune and not config.init_from:
@@ -366,9 +366,9 @@ _MESSAGE_BYTES = 1000
 
 @contextlib.contextmanager
 def _starting_together(config: Config):
-    """The start-up of a multi-process run (reading the data, building the model; no collective), ended by one exchange
-    between the processes: if one failed, every other stops too, with RunError naming it, instead of waiting
-    for it at their first collective; if their options differ (a Slurm script passing another --lr to one
+    """The start-up of a multi-process run (reading the data, building the model: no collective in it), ended by
+    one exchange between the processes: if one failed, every other stops too, with RunError naming it, instead of
+    waiting for it at their first collective; if their options differ (a Slurm script passing another --lr to one
     task), all stop naming the options, instead of training diverging copies of the model. One process: a
     no-op."""
     if jax.process_count() == 1:
@@ -397,11 +397,16 @@ def _starting_together(config: Config):
     if differing:
         raise RunError(
             "the processes of this run were given different options: "
-            + ", ".join("--" + name.replace("_", "-") for name in differing)
+            + ", ".join(map(_flag, differing))
             + "; give every task the same command (only "
-            + ", ".join("--" + name.replace("_", "-") for name in HOST_LOCAL_OPTIONS)
+            + ", ".join(map(_flag, HOST_LOCAL_OPTIONS))
             + " may differ)"
         )
+
+
+def _flag(name: str) -> str:
+    """A Config field's command-line flag: weight_decay -> --weight-decay."""
+    return "--" + name.replace("_", "-")
 
 
 def _shared_options(config: Config) -> list[tuple[str, object]]:
