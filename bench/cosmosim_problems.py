@@ -11,9 +11,10 @@ at 512 px, crops 256 and centres; --image-size resizes them) with the problem's 
 the validation and test splits (with one view, --no-tta, then as evaluate.py does by default for these targets:
 each image's predictions averaged over its 8 rotations and mirrors), and prints per target R² (circular for
 angles) and MAE, the uniform mean as they compute it, the mean over the identifiable parameters and the mean
-over the amplitudes, beside their figure. What the simulation records besides the targets (the SIE lens's Einstein
-radius, ellipse ratio and orientation, the source's polar position) is trained alongside as auxiliary targets and
-reported apart, out of every mean; --no-auxiliary trains on the problem's targets alone. A Sersic-sphere source
+over the amplitudes, beside their figure. With --auxiliary, what the simulation records besides the targets (the
+SIE lens's Einstein radius, ellipse ratio and orientation, the source's polar position) is trained alongside as
+auxiliary targets and reported apart, out of every mean (it lifts sie's amplitudes and can cost sigma: README,
+"Auxiliary targets"). A Sersic-sphere source
 has no sigma2 or theta to see: those are reported, flagged, and kept out of the means over identifiable
 parameters (they stay in the uniform mean, as in theirs).
 
@@ -44,9 +45,8 @@ class Problem:
     their_best: float  # best validation R² (uniform mean) in their training_log.csv
     their_epoch: int  # the epoch it was reached
     their_epochs: int  # the epochs they ran
-    # What the simulation records besides the targets, trained alongside them unless --no-auxiliary and kept out
-    # of every mean: the amplitudes are functions of the lens and the source position, and learning those too
-    # lifts the amplitudes (README, "Auxiliary targets").
+    # What the simulation records besides the targets, trained alongside them with --auxiliary and kept out of
+    # every mean: the amplitudes are functions of the lens and the source position (README, "Auxiliary targets").
     auxiliary: tuple[str, ...] = ()
 
 
@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument(
         "--auxiliary",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=False,
         help="also train on what the simulation records (the problem's auxiliary targets), scored apart",
     )
     args, extra = parser.parse_known_args()
