@@ -14,9 +14,8 @@ angles) and MAE, the uniform mean as they compute it, the mean over the identifi
 over the amplitudes, beside their figure. With --auxiliary, what the simulation records besides the targets (the
 SIE lens's Einstein radius, ellipse ratio and orientation, the source's polar position) is trained alongside as
 auxiliary targets and reported apart, out of every mean (it lifts sie's amplitudes and can cost sigma: README,
-"Auxiliary targets"). A Sersic-sphere source
-has no sigma2 or theta to see: those are reported, flagged, and kept out of the means over identifiable
-parameters (they stay in the uniform mean, as in theirs).
+"Auxiliary targets"). A Sersic-sphere source has no sigma2 or theta to see: those are reported, flagged, and
+kept out of the means over identifiable parameters (they stay in the uniform mean, as in theirs).
 
     python bench/cosmosim_problems.py --problems sie --image-size 128 --num-train 3000 --epochs 10    # CPU
     python bench/cosmosim_problems.py --image-size 256 --num-train 10000 --num-validation 1000 \\

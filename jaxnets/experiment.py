@@ -383,17 +383,16 @@ def _starting_together(config: Config):
     if failure is not None:
         text = (str(failure) or type(failure).__name__).encode()[: _MESSAGE_BYTES - 1]
         message[0], message[1 : 1 + len(text)] = 1, np.frombuffer(text, np.uint8)
-    options = np.array([zlib.crc32(json.dumps(value).encode()) for name, value in _shared_options(config)], np.uint32)
+    shared = _shared_options(config)
+    options = np.array([zlib.crc32(json.dumps(value).encode()) for value in shared.values()], np.uint32)
     messages, all_options = (multihost_utils.process_allgather(a) for a in (message, options))
     if failure is not None:
         raise failure
-    failed = [i for i in range(len(messages)) if messages[i][0]]
-    if failed:
-        text = bytes(messages[failed[0]][1:]).rstrip(b"\0").decode(errors="replace")
-        raise RunError(f"process {failed[0]} of this run failed to start, so this one stops too: {text}")
-    differing = [
-        name for (name, _), column in zip(_shared_options(config), all_options.T, strict=True) if len(set(column)) > 1
-    ]
+    failed = next((process for process, note in enumerate(messages) if note[0]), None)
+    if failed is not None:
+        text = bytes(messages[failed][1:]).rstrip(b"\0").decode(errors="replace")
+        raise RunError(f"process {failed} of this run failed to start, so this one stops too: {text}")
+    differing = [name for name, column in zip(shared, all_options.T, strict=True) if len(set(column)) > 1]
     if differing:
         raise RunError(
             "the processes of this run were given different options: "
@@ -409,9 +408,9 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _shared_options(config: Config) -> list[tuple[str, object]]:
-    """(name, value) of every option all processes of a run must share, in Config's order."""
-    return [(name, value) for name, value in dataclasses.asdict(config).items() if name not in HOST_LOCAL_OPTIONS]
+def _shared_options(config: Config) -> dict[str, object]:
+    """{name: value} of every option all processes of a run must share, in Config's order."""
+    return {name: value for name, value in dataclasses.asdict(config).items() if name not in HOST_LOCAL_OPTIONS}
 
 
 def _lock_workdir(workdir: str) -> WorkdirLock | None:
