@@ -303,6 +303,12 @@ def check_options(config: Config) -> None:
         value = getattr(config, name)
         if not test(value):
             raise RunError(f"{_flag(name)} must be {requirement}; got {format_value(value)}")
+    if (config.simulate or (config.dataset == "lens" and not config.data)) and config.num_validation < 1:
+        # train.py keeps the checkpoint with the least validation loss: these datasets make that split from it.
+        raise RunError(
+            f"--num-validation must be at least 1: training picks its best checkpoint on the validation split; "
+            f"got {config.num_validation}"
+        )
     if config.init_from and config.model != "inception3":
         raise RunError(f"--init-from loads an Inception3; --model is {config.model}")
     if config.fine_tune and not config.init_from:

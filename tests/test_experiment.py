@@ -294,6 +294,11 @@ def test_resume_gives_identical_parameters_and_history(tmp_path):
         (dict(hidden=(32, 0)), "--hidden must be layer sizes of at least 1; got 32,0"),  # ZeroDivisionError before
         (dict(model="inception3", head_features=(-3,)), "--head-features must be layer sizes of at least 1; got -3"),
         (dict(freeze_backbone_epochs=-1), "--freeze-backbone-epochs must be 0 or more; got -1"),
+        # Built the data, then said only "lens has no 'validation' split; it has train, test".
+        (
+            dict(num_validation=0),
+            "--num-validation must be at least 1: training picks its best checkpoint on the validation split; got 0",
+        ),
     ],
 )
 def test_an_option_out_of_range_is_refused_before_anything_is_written(tmp_path, change, message):
