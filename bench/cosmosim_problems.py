@@ -74,12 +74,17 @@ def run(script: str, *args: str) -> float:
 
 def summarize(report: dict, problem: Problem) -> dict:
     """The three means of a report's per-target R²: uniform (all the problem's targets), identifiable parameters,
-    amplitudes. Auxiliary targets count in none."""
+    amplitudes; and how many targets the uniform mean counts. Auxiliary targets count in none."""
     r2 = {name: p["r2"] for name, p in report["parameters"].items() if name not in problem.auxiliary}
     identifiable = [r2[n] for n in problem.parameters if n in r2 and n not in problem.not_identifiable]
     amplitudes = [value for name, value in r2.items() if name.startswith(("alpha[", "beta["))]
     mean = lambda values: sum(values) / len(values) if values else float("nan")  # noqa: E731
-    return {"uniform": mean(list(r2.values())), "identifiable": mean(identifiable), "amplitudes": mean(amplitudes)}
+    return {
+        "uniform": mean(list(r2.values())),
+        "identifiable": mean(identifiable),
+        "amplitudes": mean(amplitudes),
+        "scored": len(r2),
+    }
 
 
 def table(name: str, problem: Problem, reports: dict[str, dict]) -> str:
@@ -99,12 +104,11 @@ def table(name: str, problem: Problem, reports: dict[str, dict]) -> str:
         v = validation["parameters"][target]["r2"]
         lines.append(f"| {target} | {p['r2']:.3f} | {p['mae']:.4g} | {v:.3f} | {note} |")
     ours_test, ours_validation = summarize(test, problem), summarize(validation, problem)
-    scored = len(set(test["parameters"]) - set(problem.auxiliary))
     lines += [
         "",
         "| mean R² | test | validation | theirs (best validation) |",
         "|---|---|---|---|",
-        f"| uniform, all {scored} targets | {ours_test['uniform']:.3f} | "
+        f"| uniform, all {ours_test['scored']} targets | {ours_test['uniform']:.3f} | "
         f"{ours_validation['uniform']:.3f} | {problem.their_best:.3f} (epoch {problem.their_epoch} of "
         f"{problem.their_epochs}) |",
         f"| identifiable parameters | {ours_test['identifiable']:.3f} | {ours_validation['identifiable']:.3f} | – |",
