@@ -1,5 +1,6 @@
 """bench/cosmosim_problems.py: the means it reports beside the group's figures."""
 
+import argparse
 import importlib.util
 import os
 
@@ -28,3 +29,25 @@ def test_the_means_leave_out_what_the_image_cannot_show_and_the_auxiliary_target
     table = cosmosim_problems.table("sie", SIE, {"test": report(r2), "validation": report(r2)})
     assert "| uniform, all 7 targets | 0.343 | 0.343 | 0.051 (epoch 12 of 12) |" in table
     assert "| R | 0.990 | 1 | 0.990 | auxiliary: trained alongside, out of the means |" in table
+
+
+def train_options(problem: str, *extra: str, auxiliary: bool = True) -> dict[str, str]:
+    args = argparse.Namespace(
+        image_size=64, num_train=30, num_validation=5, num_test=10, epochs=2, data_dir=None, auxiliary=auxiliary
+    )
+    listed = cosmosim_problems.train_options(cosmosim_problems.PROBLEMS[problem], "runs/x", args, list(extra))
+    return dict(zip(listed[::2], listed[1::2], strict=True))
+
+
+def test_sie_trains_its_auxiliary_targets_with_sigma_weighed_unless_told_otherwise():
+    default = train_options("sie")
+    assert default["--simulate"] == os.path.join("bench", "problems", "sie.toml")
+    assert default["--targets"] == (
+        "sigma,sigma2,theta,xiX,xiY,alpha[*][*],beta[*][*],einsteinradius,ellipseratio,orientation,R,phi"
+    )
+    assert default["--target-weights"] == "sigma:2"
+    assert train_options("sie", "--target-weights", "xiX:3")["--target-weights"] == "xiX:3"  # the user's alone
+    plain = train_options("sie", auxiliary=False)
+    assert plain["--targets"] == "sigma,sigma2,theta,xiX,xiY,alpha[*][*],beta[*][*]"
+    assert "--target-weights" not in plain
+    assert "--target-weights" not in train_options("cluster2")  # no auxiliary targets: nothing weighed
