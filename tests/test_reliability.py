@@ -184,7 +184,7 @@ def test_evaluate_unknown_step_lists_the_available_ones(trained_workdir):
         (dict(model="inception3", image_size=32), "at least 75x75"),
         (dict(dataset="no_such_dataset"), "no_such_dataset"),
         (dict(batch_size=128), "larger than the 64 examples"),
-        (dict(num_validation=0), "no 'validation' split"),
+        (dict(num_validation=0), "--num-validation must be at least 1"),
     ],
 )
 @pytest.mark.slow
