@@ -183,7 +183,7 @@ def main() -> None:
             "summary": {split: summarize(report, problem) for split, report in reports.items()},
             "summary_one_view": {split: summarize(report, problem) for split, report in one_view.items()},
             "reports": reports,
-            "settings": {**vars(args), "extra": extra},
+            "settings": {**vars(args), "extra": extra, "train.py": options},
         }
         print(table(name, problem, reports), flush=True)
         print(f"one view (evaluate.py --no-tta): {results[name]['summary_one_view']}", flush=True)
