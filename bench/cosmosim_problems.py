@@ -13,7 +13,7 @@ each image's predictions averaged over its 8 rotations and mirrors), and prints 
 angles) and MAE, the uniform mean as they compute it, the mean over the identifiable parameters and the mean
 over the amplitudes, beside their figure. What the simulation records besides sie's targets (the SIE lens's
 Einstein radius, ellipse ratio and orientation, the source's polar position) is trained alongside as auxiliary
-targets, with sigma weighed 2, and reported apart, out of every mean: it lifts every mean of sie by 0.02–0.04 on
+targets, with sigma weighed 2, and reported apart, out of every mean: it lifts every mean of sie by 0.016–0.044 on
 two seeds (README, "Auxiliary targets"); --no-auxiliary trains the problem's targets alone. A Sersic-sphere
 source has no sigma2 or theta to see: those are reported, flagged, and kept out of the means over identifiable
 parameters (they stay in the uniform mean, as in theirs).
