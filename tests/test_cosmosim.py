@@ -80,6 +80,46 @@ def test_round_trip_values_images_and_recorded_split(tmp_path):
     assert dataset.metadata["seed"] == 3
 
 
+def test_a_clusters_lenses_are_columns_numbered_by_decreasing_einstein_radius(tmp_path):
+    (tmp_path / "images").mkdir()
+    clusters = [
+        "SIE/1.5/-2/20/0.5/170;SIE/3/4/40.5/0.25/30",  # listed smallest first: lens 1 is the second
+        "SIE/-1/2/60/0.75/90;SIE/0/0/10/0.8/10",
+        "SIE/5/5/30/0.1/45;SIE/-5/-5/35/0.9/135",
+        "SIE/2/2/12/0.3/0;SIE/-2/-2/11/0.6/60",
+    ]
+    with open(tmp_path / "params.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "filename", "model", "cluster", "source", "sigma"])
+        for i, cluster in enumerate(clusters):
+            Image.fromarray(np.full((4, 4), i, np.uint8), "L").save(tmp_path / "images" / f"image-{i}.png")
+            writer.writerow([i + 1, f"image-{i}.png", "Raytrace", cluster, "SersicSphere", 1.0 + i])
+    options = dict(data=str(tmp_path / "params.csv"), data_dir=str(tmp_path / "tfds"), validation_fraction=0.25)
+    assert load_dataset(**options, test_fraction=0.0).target_names == ("sigma",)  # not default targets
+    dataset = load_dataset(
+        **options, test_fraction=0.0, targets=["einsteinradius[*]", "orientation[*]", "ellipseratio[2]"]
+    )
+    assert dataset.target_names == (
+        "einsteinradius[1]", "einsteinradius[2]", "orientation[1]", "orientation[2]", "ellipseratio[2]"
+    )  # fmt: skip
+    assert dataset.angles == {"orientation[1]": 180.0, "orientation[2]": 180.0}  # as orientation is
+    expected = {
+        "image-0.png": [40.5, 20, 30, 170, 0.5],
+        "image-1.png": [60, 10, 90, 10, 0.8],
+        "image-2.png": [35, 30, 135, 45, 0.1],
+        "image-3.png": [12, 11, 0, 60, 0.6],
+    }
+    for filename, (_, _, target, _) in stored_examples(dataset).items():
+        np.testing.assert_allclose(target, expected[filename], rtol=1e-6)
+    # An SIS lens has no ellipse; a field that is not a number is named with its line.
+    with open(tmp_path / "params.csv", "a") as f:
+        f.write("5,image-3.png,Raytrace,SIS/0/0/5;SIE/1/1/x/0.5/10,SersicSphere,2.0\n")
+    with pytest.raises(ValueError, match=r"line 6: column 'einsteinradius\[2\]' is not a finite number: 'x'"):
+        load_dataset(**options, test_fraction=0.0, targets=["einsteinradius[*]"])
+    with pytest.raises(ValueError, match=r"line 6: column 'ellipseratio\[1\]' is empty"):
+        load_dataset(**options, test_fraction=0.0, targets=["ellipseratio[1]"])
+
+
 def test_targets_by_name_default_numeric_columns_and_image_dir(tmp_path):
     csv_path, values, _ = write_dataset(tmp_path, num_rows=6, image_folder="pictures")
     # Move the images elsewhere and blank the sigma2 column: default targets skip it.

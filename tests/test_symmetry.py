@@ -186,3 +186,63 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
         for rows in (-1, 0, 1)
         for columns in (-1, 0, 1)
     )
+
+
+@pytest.mark.slow
+def test_a_clusters_lens_columns_move_by_the_rules_cosmosim_draws_with(tmp_path):
+    """A cluster of two SIE lenses and the cluster moved by each generator (its lenses' positions and axes moved,
+    listed in another order once): CosmoSim's image is the moved image, and the columns read from the `cluster`
+    cells (einsteinradius[k], ellipseratio[k], orientation[k]) are the first row's moved by the rule."""
+    pytest.importorskip("CosmoSim")
+    import pandas as pd
+    from PIL import Image
+
+    from jaxnets.data import load_dataset
+
+    (tmp_path / "cluster.toml").write_text(SIE_TOML + "[cluster]\ncount = 2\n")
+    lenses = [(10.0, 5.0, 25.0, 0.4, 30.0), (-8.0, -6.0, 15.0, 0.6, 100.0)]  # x, y, Einstein radius, ratio, axis
+    moves = {
+        "identity": (np.eye(2, dtype=int), lambda x, y, o: (x, y, o)),
+        "mirror": (MIRROR_Y, lambda x, y, o: (x, -y, -o)),
+        "transpose": (TRANSPOSE, lambda x, y, o: (-y, -x, 90 - o)),
+        "turn": (ROTATE, lambda x, y, o: (-y, x, o + 90)),
+    }
+    rows = []
+    for i, (name, (_, move)) in enumerate(moves.items()):
+        moved = [(*move(x, y, o)[:2], radius, ratio, move(x, y, o)[2] % 180) for x, y, radius, ratio, o in lenses]
+        if name == "transpose":
+            moved.reverse()  # the order CosmoSim lists the lenses in is not a parameter
+        cluster = ";".join("SIE/" + "/".join(f"{v:g}" for v in lens) for lens in moved)
+        sx, sy, _ = move(9.0, 4.0, 0.0)
+        rows.append(dict(index=i, filename=f"image-{i}.png", model="Raytrace", cluster=cluster, source="SersicSphere"))
+        rows[-1].update(sigma=2.0, sigma2=2.0, theta=0.0, n_sersic=2.0, luminosity=15.0, x=sx, y=sy)
+    # another cluster, so that no column is constant (a pattern leaves constant columns out)
+    rows.append(dict(rows[0], index=4, filename="image-4.png", cluster="SIE/1/2/20/0.5/10;SIE/-3/4/30/0.7/20"))
+    pd.DataFrame(rows).to_csv(tmp_path / "in.csv", index=False)
+    subprocess.run(
+        [sys.executable, "-m", "CosmoSim", "--toml", "cluster.toml", "--csvfile", "in.csv", "--outfile", "out.csv"]
+        + ["--directory", "images", "--imagesize", "200", "--nterms", "3"],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+    )
+    names = ["einsteinradius[*]", "ellipseratio[*]", "orientation[*]"]
+    dataset = load_dataset(
+        data=str(tmp_path / "in.csv"), targets=names, data_dir=str(tmp_path / "tfds"), validation_fraction=0.0
+    )
+    assert dataset.target_names == tuple(
+        f"{p}[{k}]" for p in ("einsteinradius", "ellipseratio", "orientation") for k in (1, 2)
+    )
+    train = dataset.splits["train"]
+    targets = {train.source[i]["row"]: train[i]["target"] for i in range(len(train))}
+    symmetry = TargetSymmetry.for_targets(dataset.target_names, dataset.angles)
+    image = np.asarray(Image.open(tmp_path / "images" / "image-0.png"), np.float64)[..., None]
+    for i, (matrix, _) in enumerate(moves.values()):
+        difference = symmetry.apply(targets[0], matrix) - targets[i]
+        difference[4:] = (difference[4:] + 90) % 180 - 90  # the axes, modulo their period
+        np.testing.assert_allclose(difference, 0, atol=1e-4)
+        simulated = np.asarray(Image.open(tmp_path / "images" / f"image-{i}.png"), np.float64)[..., None]
+        match = [_correlation(transform_images(image, other), simulated) for other in SYMMETRIES]
+        # the rule's move matches best (CosmoSim centres the light to a pixel: a mirror sits up to 3 px off here)
+        rule = [m.tobytes() for m in SYMMETRIES].index(matrix.tobytes())
+        assert match[rule] > 0.8 > max(match[:rule] + match[rule + 1 :])

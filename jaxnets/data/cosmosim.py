@@ -11,6 +11,10 @@ CosmoSim 3.x writes two CSV files per dataset, both keyed by `filename`; give ei
                                 xiX,xiY,alpha[m][s]...,beta[m][s]...
 
 CosmoSim 2023's single file (index,filename,source,lens,chi,x,y,einsteinR,sigma,sigma2,theta,nterms) works too.
+A cluster of lenses sits in one text cell, `cluster` (`SIE/x/y/einsteinradius/ellipseratio/orientation;SIS/x/y/
+einsteinradius;...`); its lenses' parameters are also read as the columns `einsteinradius[k]`, `ellipseratio[k]`
+and `orientation[k]`, the lenses numbered from 1 by decreasing Einstein radius (CosmoSim lists them in the order it
+drew them, which the image cannot show).
 Targets are column names or shell-style patterns (`alpha[*][*]`: `*` and `?` are wildcards, brackets are
 literal); `einsteinR`/`einsteinradius` and `ratio`/`ellipseratio` name the same parameter. Text columns and empty
 cells outside the targets are ignored. Images: `filename` relative to `image_dir` (default: the first CSV's
@@ -50,6 +54,10 @@ PARAMETER_COLUMNS = (
     "x", "y", "einsteinradius", "einsteinR", "ellipseratio", "ratio", "orientation",
     "sigma", "sigma2", "theta", "R", "phi", "n_sersic", "luminosity",
 )  # fmt: skip
+# A cluster lens's parameters after its type and position (`SIE/x/y/einsteinradius/ellipseratio/orientation`), and
+# the columns they are read into: einsteinradius[1] is the largest Einstein radius of the cluster.
+CLUSTER_PARAMETERS = ("einsteinradius", "ellipseratio", "orientation")
+CLUSTER_COLUMN = re.compile(r"(einsteinradius|ellipseratio|orientation)\[(\d+)\]")
 # The roulette amplitudes alpha[m][s], beta[m][s] of the roulette file.
 ROULETTE_AMPLITUDE = re.compile(r"(alpha|beta)\[\d+\]\[\d+\]")
 # Names of the same parameter in different CosmoSim versions.
@@ -57,6 +65,13 @@ ALIASES = ({"einsteinR", "einsteinradius"}, {"ratio", "ellipseratio"})
 MAX_REPORTED_PROBLEMS = 20
 # Part of the cache key: bump when the stored features or the split rule change.
 FORMAT_VERSION = 2
+
+
+def cluster_parameter(name: str) -> str:
+    """The parameter a column holds: "orientation[2]" (a cluster's second lens) -> "orientation"; other names as
+    they are."""
+    match = CLUSTER_COLUMN.fullmatch(name)
+    return match.group(1) if match else name
 
 
 def load_image(path: str | Path, size: int | None = None) -> np.ndarray:
@@ -140,7 +155,7 @@ def _read_table(paths: Sequence[Path], problems: _Problems) -> _Table:
     header = list(dict.fromkeys(column for _, columns, _ in tables for column in columns))
     first_path, _, rows = tables[0]
     if len(tables) == 1 or any("filename" not in columns for _, columns, _ in tables):
-        return _Table(list(paths), header, rows)
+        return _with_cluster_columns(_Table(list(paths), header, rows))
     joined = [dict(row) for row in rows]
     first_names = [row["filename"][0].strip() for row in rows]
     for path, _, other in tables[1:]:
@@ -161,7 +176,33 @@ def _read_table(paths: Sequence[Path], problems: _Problems) -> _Table:
         for row, name in zip(joined, first_names, strict=True):
             for column, cell in by_name.get(name, {}).items():
                 row.setdefault(column, cell)  # a column in both files: the first file's value
-    return _Table(list(paths), header, joined)
+    return _with_cluster_columns(_Table(list(paths), header, joined))
+
+
+def _with_cluster_columns(table: _Table) -> _Table:
+    """The table with its `cluster` cells also read as columns einsteinradius[k], ellipseratio[k] and
+    orientation[k] (after `cluster` in the header). A lens without a parameter (an SIS has no ellipse) or a row
+    with fewer lenses leaves the cell empty; a field that is not a number is kept as written, for the target
+    check to name."""
+    if "cluster" not in table.header:
+        return table
+    added: dict[str, None] = {}
+    for row in table.rows:
+        text, name, line = row["cluster"]
+        lenses = [spec.split("/")[3:] for spec in text.split(";") if spec.strip()]
+        radii = [_number(fields[0]) if fields else None for fields in lenses]
+        if None not in radii:  # numbered by decreasing Einstein radius; CosmoSim's order where one is unreadable
+            lenses = [lens for _, lens in sorted(zip(radii, lenses, strict=True), key=lambda pair: -pair[0])]
+        for k, fields in enumerate(lenses, 1):
+            for parameter, field in zip(CLUSTER_PARAMETERS, fields, strict=False):
+                row[f"{parameter}[{k}]"] = (field, name, line)
+                added[f"{parameter}[{k}]"] = None
+    for row in table.rows:  # empty where a lens has no such parameter: named with the row's line if a target
+        for column in added:
+            row.setdefault(column, ("", *row["cluster"][1:]))
+    at = table.header.index("cluster") + 1
+    table.header[at:at] = sorted(added, key=lambda column: int(CLUSTER_COLUMN.fullmatch(column).group(2)))
+    return table
 
 
 def _number(cell: str | None) -> float | None:
@@ -488,7 +529,7 @@ def build(
         "stem": stem,
         "image_dir": str(folders["data"]),
         "target_names": names,
-        "angles": {name: period for name, period in (angles or {}).items() if name in names},
+        "angles": _angles_of(names, angles or {}),
         "seed": seed,
         "validation_fraction": options["validation_fraction"],
         "test_fraction": options["test_fraction"],
@@ -513,6 +554,13 @@ def build(
         if not (finished / "dataset_info.json").is_file():
             raise
     return tfds.builder_from_directory(finished)
+
+
+def _angles_of(names: Sequence[str], angles: Mapping[str, float]) -> dict[str, float]:
+    """The periods of the targets `names` that are angles: declared by name, or a cluster lens's orientation[k]
+    by its parameter's name (orientation)."""
+    periods = {name: angles.get(name, angles.get(cluster_parameter(name))) for name in names}
+    return {name: period for name, period in periods.items() if period is not None}
 
 
 def _drop_constant_targets(

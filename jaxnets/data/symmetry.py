@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from jaxnets.data.cosmosim import cluster_parameter
 from jaxnets.data.targets import TargetEncoding
 
 # The 8 symmetries as integer 2x2 matrices acting on (x, y): rotations by k quarter turns, each also after the
@@ -31,7 +32,8 @@ SYMMETRIES: tuple[np.ndarray, ...] = tuple(
     for mirror in (np.eye(2, dtype=int), _MIRROR)
 )
 
-# CosmoSim's targets by what a symmetry does to them (its CSV columns; README "CosmoSim").
+# CosmoSim's targets by what a symmetry does to them (its CSV columns; README "CosmoSim"). A cluster lens's
+# einsteinradius[k], ellipseratio[k] and orientation[k] move as the parameter they hold.
 INVARIANTS = frozenset({"sigma", "sigma2", "luminosity", "n_sersic", "einsteinradius", "ellipseratio", "R"})
 POSITIONS = (("xiX", "xiY"), ("x", "y"), ("lensX", "lensY"), ("centreX", "centreY"))
 ANGLES_IN_DEGREES = {"theta": 180.0, "orientation": 180.0, "phi": 360.0}  # name -> period (axis or direction)
@@ -76,11 +78,13 @@ class TargetSymmetry:
         unknown = []
         for name in names:
             amplitude = _AMPLITUDE.fullmatch(name)
-            if name in INVARIANTS:
+            parameter = cluster_parameter(name)
+            if parameter in INVARIANTS:
                 continue
-            if name in ANGLES_IN_DEGREES:
-                if angles and name in angles and angles[name] != ANGLES_IN_DEGREES[name]:
-                    unknown.append(f"{name} (period {angles[name]:g}, not CosmoSim's {ANGLES_IN_DEGREES[name]:g})")
+            if parameter in ANGLES_IN_DEGREES:
+                period = ANGLES_IN_DEGREES[parameter]
+                if angles and name in angles and angles[name] != period:
+                    unknown.append(f"{name} (period {angles[name]:g}, not CosmoSim's {period:g})")
                 continue
             pair = next((pair for pair in POSITIONS if name in pair), None)
             if pair is not None:
@@ -119,8 +123,9 @@ class TargetSymmetry:
                 x, y = targets[..., column[x_name]], targets[..., column[y_name]]
                 out[..., column[x_name]] = matrix[0, 0] * x + matrix[0, 1] * y
                 out[..., column[y_name]] = matrix[1, 0] * x + matrix[1, 1] * y
-        for name, period in ANGLES_IN_DEGREES.items():
-            if name in column:  # an axis or a direction: reflect (mirror), then turn; degrees, in [0, period)
+        for name in self.names:
+            period = ANGLES_IN_DEGREES.get(cluster_parameter(name))
+            if period is not None:  # an axis or a direction: reflect (mirror), then turn; degrees, in [0, period)
                 angle = targets[..., column[name]]
                 out[..., column[name]] = np.mod((-angle if mirrored else angle) + math.degrees(turn), period)
         for name in self.names:
