@@ -151,14 +151,7 @@ def test_the_rules_are_cosmosims_own(tmp_path):
         dict(base, index=i, filename=f"image-{i}.png", x=mx, y=my, orientation=o % 180)
         for i, (_, (mx, my, o)) in enumerate(moves.values())
     ]
-    pd.DataFrame(rows).to_csv(tmp_path / "in.csv", index=False)
-    subprocess.run(
-        [sys.executable, "-m", "CosmoSim", "--toml", "sie.toml", "--csvfile", "in.csv", "--outfile", "out.csv"]
-        + ["--directory", "images", "--imagesize", "200", "--nterms", "3"],
-        cwd=tmp_path,
-        check=True,
-        capture_output=True,
-    )
+    _simulate(tmp_path, "sie.toml", rows)
     out = pd.read_csv(tmp_path / "out.csv")
     positions = ["xiX", "xiY", "lensX", "lensY", "centreX", "centreY"]  # from the centre of light
     names = positions + [c for c in out.columns if c.startswith(("alpha[", "beta["))]
@@ -178,6 +171,20 @@ def test_the_rules_are_cosmosims_own(tmp_path):
         assert max(match) == match[[m.tobytes() for m in SYMMETRIES].index(matrix.tobytes())] > 0.9
 
 
+def _simulate(folder, toml: str, rows: list[dict]) -> None:
+    """CosmoSim's images of `rows` (its parameter CSV's columns) in folder/images, their targets in out.csv."""
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(folder / "in.csv", index=False)
+    subprocess.run(
+        [sys.executable, "-m", "CosmoSim", "--toml", toml, "--csvfile", "in.csv", "--outfile", "out.csv"]
+        + ["--directory", "images", "--imagesize", "200", "--nterms", "3"],
+        cwd=folder,
+        check=True,
+        capture_output=True,
+    )
+
+
 def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     """The highest correlation of a and b over shifts of a by up to a pixel: CosmoSim centres the light on a
     pixel, not between two, so a mirrored or turned image may sit a pixel off."""
@@ -194,7 +201,6 @@ def test_a_clusters_lens_columns_move_by_the_rules_cosmosim_draws_with(tmp_path)
     listed in another order once): CosmoSim's image is the moved image, and the columns read from the `cluster`
     cells (einsteinradius[k], ellipseratio[k], orientation[k]) are the first row's moved by the rule."""
     pytest.importorskip("CosmoSim")
-    import pandas as pd
     from PIL import Image
 
     from jaxnets.data import load_dataset
@@ -218,14 +224,7 @@ def test_a_clusters_lens_columns_move_by_the_rules_cosmosim_draws_with(tmp_path)
         rows[-1].update(sigma=2.0, sigma2=2.0, theta=0.0, n_sersic=2.0, luminosity=15.0, x=sx, y=sy)
     # another cluster, so that no column is constant (a pattern leaves constant columns out)
     rows.append(dict(rows[0], index=4, filename="image-4.png", cluster="SIE/1/2/20/0.5/10;SIE/-3/4/30/0.7/20"))
-    pd.DataFrame(rows).to_csv(tmp_path / "in.csv", index=False)
-    subprocess.run(
-        [sys.executable, "-m", "CosmoSim", "--toml", "cluster.toml", "--csvfile", "in.csv", "--outfile", "out.csv"]
-        + ["--directory", "images", "--imagesize", "200", "--nterms", "3"],
-        cwd=tmp_path,
-        check=True,
-        capture_output=True,
-    )
+    _simulate(tmp_path, "cluster.toml", rows)
     names = ["einsteinradius[*]", "ellipseratio[*]", "orientation[*]"]
     dataset = load_dataset(
         data=str(tmp_path / "in.csv"), targets=names, data_dir=str(tmp_path / "tfds"), validation_fraction=0.0
