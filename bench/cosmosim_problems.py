@@ -137,7 +137,8 @@ def train_options(problem: Problem, workdir: str, args: argparse.Namespace, extr
     ]  # fmt: skip
     if args.data_dir:
         options += ["--data-dir", args.data_dir]
-    if args.auxiliary and problem.auxiliary_weights and "--target-weights" not in extra:
+    users_weights = any(option == "--target-weights" or option.startswith("--target-weights=") for option in extra)
+    if args.auxiliary and problem.auxiliary_weights and not users_weights:
         options += ["--target-weights", ",".join(problem.auxiliary_weights)]
     return [*options, *extra]
 

@@ -31,10 +31,11 @@ def test_the_means_leave_out_what_the_image_cannot_show_and_the_auxiliary_target
     assert "| R | 0.990 | 1 | 0.990 | auxiliary: trained alongside, out of the means |" in table
 
 
+ARGS = argparse.Namespace(image_size=64, num_train=30, num_validation=5, num_test=10, epochs=2, data_dir=None)
+
+
 def train_options(problem: str, *extra: str, auxiliary: bool = True) -> dict[str, str]:
-    args = argparse.Namespace(
-        image_size=64, num_train=30, num_validation=5, num_test=10, epochs=2, data_dir=None, auxiliary=auxiliary
-    )
+    args = argparse.Namespace(**vars(ARGS), auxiliary=auxiliary)
     listed = cosmosim_problems.train_options(cosmosim_problems.PROBLEMS[problem], "runs/x", args, list(extra))
     return dict(zip(listed[::2], listed[1::2], strict=True))
 
@@ -47,6 +48,10 @@ def test_sie_trains_its_auxiliary_targets_with_sigma_weighed_unless_told_otherwi
     )
     assert default["--target-weights"] == "sigma:2"
     assert train_options("sie", "--target-weights", "xiX:3")["--target-weights"] == "xiX:3"  # the user's alone
+    listed = cosmosim_problems.train_options(
+        SIE, "runs/x", argparse.Namespace(**vars(ARGS), auxiliary=True), ["--target-weights=xiX:3"]
+    )
+    assert listed[-1] == "--target-weights=xiX:3" and "sigma:2" not in listed  # written with =, the same
     plain = train_options("sie", auxiliary=False)
     assert plain["--targets"] == "sigma,sigma2,theta,xiX,xiY,alpha[*][*],beta[*][*]"
     assert "--target-weights" not in plain
