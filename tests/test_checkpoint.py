@@ -27,6 +27,11 @@ def train(workdir, data_dir, **changes):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def train_in_process(workdir, data_dir, **changes):
+    """What train.py does, without its start-up: for the runs a test needs only as a starting point."""
+    experiment.train_and_evaluate(Config(**{**TINY, **changes}, workdir=workdir, data_dir=data_dir))
+
+
 def assert_evaluate_picks(workdir, step, *flags):
     result = run_script("evaluate.py", "--workdir", workdir, *flags)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -37,7 +42,7 @@ def assert_evaluate_picks(workdir, step, *flags):
 
 def test_the_best_checkpoint_survives_resumed_runs_that_diverge(tmp_path, data_dir):
     workdir = str(tmp_path / "run")
-    train(workdir, data_dir, epochs=1)
+    train_in_process(workdir, data_dir, epochs=1)
     assert saved_steps(workdir) == [6]
     # Resumed with a learning rate that wrecks the model: every later epoch is worse than epoch 1.
     train(workdir, data_dir, epochs=2, lr=50)
@@ -45,9 +50,9 @@ def test_the_best_checkpoint_survives_resumed_runs_that_diverge(tmp_path, data_d
     assert losses[12] > losses[6]
     assert saved_steps(workdir) == [6, 12]  # the best (and the previous) and the latest
     # Two more resumes, in-process (the same code behind train.py), so that step 6 is kept only as the best.
-    experiment.train_and_evaluate(Config(**{**TINY, "epochs": 3, "lr": 50}, workdir=workdir, data_dir=data_dir))
+    train_in_process(workdir, data_dir, epochs=3, lr=50)
     assert saved_steps(workdir) == [6, 12, 18]  # the best and the two latest
-    experiment.train_and_evaluate(Config(**{**TINY, "epochs": 4, "lr": 50}, workdir=workdir, data_dir=data_dir))
+    train_in_process(workdir, data_dir, epochs=4, lr=50)
     assert min(validation_losses(workdir).values()) == validation_losses(workdir)[6]
     assert saved_steps(workdir) == [6, 18, 24]  # step 6 is kept only as the best
     assert_evaluate_picks(workdir, 6)
@@ -57,7 +62,7 @@ def test_the_best_checkpoint_survives_resumed_runs_that_diverge(tmp_path, data_d
 
 def test_an_interrupt_save_never_displaces_the_best(tmp_path, data_dir):
     workdir = str(tmp_path / "run")
-    train(workdir, data_dir, epochs=1)
+    train_in_process(workdir, data_dir, epochs=1)
     args = cli_args(**{**TINY, "epochs": 2, "lr": 50}, workdir=workdir, data_dir=data_dir)
     process = start_paused(args, step=9)  # halfway through epoch 2
     process.send_signal(signal.SIGTERM)
