@@ -118,6 +118,14 @@ def test_a_clusters_lenses_are_columns_numbered_by_decreasing_einstein_radius(tm
         load_dataset(**options, test_fraction=0.0, targets=["einsteinradius[*]"])
     with pytest.raises(ValueError, match=r"line 6: column 'ellipseratio\[1\]' is empty"):
         load_dataset(**options, test_fraction=0.0, targets=["ellipseratio[1]"])
+    # Joined to a file with a row the cluster file lacks: that is the message, whichever file comes first.
+    write_rows(tmp_path / "extra.csv", [{"filename": f"image-{i}.png", "flux": i} for i in range(5)])
+    with pytest.raises(ValueError, match=r"1 filename\(s\) of extra.csv are not in params.csv, e.g. image-4.png"):
+        load_dataset(
+            data=[str(tmp_path / "extra.csv"), str(tmp_path / "params.csv")],
+            data_dir=str(tmp_path / "tfds"),
+            targets=["flux", "einsteinradius[1]"],
+        )
 
 
 def test_targets_by_name_default_numeric_columns_and_image_dir(tmp_path):

@@ -188,7 +188,7 @@ def _with_cluster_columns(table: _Table) -> _Table:
         return table
     added: dict[str, None] = {}
     for row in table.rows:
-        text, name, line = row["cluster"]
+        text, name, line = row.setdefault("cluster", ("", table.paths[0].name, 0))  # absent: a file lacks the row
         lenses = [spec.split("/")[3:] for spec in text.split(";") if spec.strip()]
         radii = [_number(fields[0]) if fields else None for fields in lenses]
         if None not in radii:  # numbered by decreasing Einstein radius; CosmoSim's order where one is unreadable
