@@ -69,6 +69,12 @@ class TargetSymmetry:
 
     names: tuple[str, ...]
 
+    @functools.cached_property
+    def _angle_periods(self) -> dict[str, float]:
+        """The targets that are angles and their periods in degrees (a cluster lens's orientation[k] included)."""
+        periods = {name: ANGLES_IN_DEGREES.get(cluster_parameter(name)) for name in self.names}
+        return {name: period for name, period in periods.items() if period is not None}
+
     @classmethod
     def for_targets(cls, names: Sequence[str], angles: Mapping[str, float] | None = None) -> TargetSymmetry:
         """The symmetry of CosmoSim targets `names`; ValueError naming those without a known rule (a position
@@ -123,11 +129,9 @@ class TargetSymmetry:
                 x, y = targets[..., column[x_name]], targets[..., column[y_name]]
                 out[..., column[x_name]] = matrix[0, 0] * x + matrix[0, 1] * y
                 out[..., column[y_name]] = matrix[1, 0] * x + matrix[1, 1] * y
-        for name in self.names:
-            period = ANGLES_IN_DEGREES.get(cluster_parameter(name))
-            if period is not None:  # an axis or a direction: reflect (mirror), then turn; degrees, in [0, period)
-                angle = targets[..., column[name]]
-                out[..., column[name]] = np.mod((-angle if mirrored else angle) + math.degrees(turn), period)
+        for name, period in self._angle_periods.items():  # an axis or a direction: reflect, turn; in [0, period)
+            angle = targets[..., column[name]]
+            out[..., column[name]] = np.mod((-angle if mirrored else angle) + math.degrees(turn), period)
         for name in self.names:
             amplitude = _AMPLITUDE.fullmatch(name)
             if amplitude is None or amplitude.group(1) != "alpha":
