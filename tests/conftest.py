@@ -1,6 +1,7 @@
 """Shared test settings (float32 CPU JAX, deterministic torch on few threads) and helpers for the tests that
 run train.py / evaluate.py: tiny configurations, the CLI runner, and a run paused at a known step."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -90,6 +91,15 @@ def run_script(script: str, *args, env: dict | None = None, timeout: float = 300
         cwd=ROOT,
         env={**os.environ, **(env or {})},
     )
+
+
+def main_of(script: str):
+    """train.py's or evaluate.py's main(argv): the same command-line tool in-process, without a new process's
+    start-up and compilations (for the tests whose subject is not the process itself)."""
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), os.path.join(ROOT, script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
 
 
 def start_paused(args: list[str], step: int) -> subprocess.Popen:
