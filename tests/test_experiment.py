@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import TINY, cli_args, run_script
+from conftest import TINY, cli_args, main_of, run_script
 from jaxnets import experiment, losses, training
 from jaxnets.checkpoint import Checkpointer
 from jaxnets.config import Config
@@ -169,28 +169,26 @@ def write_roulette_csv(folder, num_rows=40):
 
 
 @pytest.mark.slow
-def test_a_cosmosim_run_trains_augmented_and_evaluates_over_the_eight_views(tmp_path, finished_run):
+def test_a_cosmosim_run_trains_augmented_and_evaluates_over_the_eight_views(tmp_path, finished_run, capsys):
+    # train.py's and evaluate.py's command lines in-process (finished_run starts them as processes).
+    train, evaluate = main_of("train.py"), main_of("evaluate.py")
     csv_file = write_roulette_csv(tmp_path / "csv")
     workdir = tmp_path / "run"
     tiny = dict(TINY, num_train=None, num_validation=None, num_test=None, image_size=None, epochs=1)
     args = cli_args(**{k: v for k, v in tiny.items() if v is not None}, workdir=workdir, data_dir=tmp_path / "tfds")
     targets = "sigma,xiX,xiY,alpha[*][*],beta[*][*]"
-    trained = run_script("train.py", "--data", csv_file, "--targets", targets, "--augment", *args)
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert train(["--data", str(csv_file), "--targets", targets, "--augment", *args]) == 0, capsys.readouterr().err
     assert Config.load(str(workdir)).augment is True
-    averaged = run_script("evaluate.py", "--workdir", workdir)
-    assert averaged.returncode == 0, averaged.stderr[-3000:]
-    assert "averaged over 8 rotations and mirrors" in averaged.stdout
+    assert evaluate(["--workdir", str(workdir)]) == 0, capsys.readouterr().err
+    assert "averaged over 8 rotations and mirrors" in capsys.readouterr().out
     report = json.loads((workdir / "eval_test.json").read_text())
-    single = run_script("evaluate.py", "--workdir", workdir, "--no-tta")
-    assert single.returncode == 0 and "rotations" not in single.stdout
+    assert evaluate(["--workdir", str(workdir), "--no-tta"]) == 0 and "rotations" not in capsys.readouterr().out
     single_report = json.loads((workdir / "eval_test.json").read_text())
     assert (report["views"], single_report["views"]) == (8, 1)
     assert report["parameters"]["xiX"]["mae"] != single_report["parameters"]["xiX"]["mae"]
     lens_workdir, _, _ = finished_run
-    refused = run_script("evaluate.py", "--workdir", lens_workdir, "--tta")
-    assert refused.returncode == 2
-    assert "--tta: rotations and mirrors apply to regression on CosmoSim data; 'lens' is not" in refused.stderr
+    assert evaluate(["--workdir", str(lens_workdir), "--tta"]) == 2
+    assert "--tta: rotations and mirrors apply to regression on CosmoSim data; 'lens' is not" in capsys.readouterr().err
 
 
 @pytest.mark.slow
