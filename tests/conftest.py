@@ -1,6 +1,7 @@
 """Shared test settings (float32 CPU JAX, deterministic torch on few threads) and helpers for the tests that
 run train.py / evaluate.py: tiny configurations, the CLI runner, and a run paused at a known step."""
 
+import functools
 import importlib.util
 import os
 import subprocess
@@ -93,13 +94,22 @@ def run_script(script: str, *args, env: dict | None = None, timeout: float = 300
     )
 
 
+@functools.cache
 def main_of(script: str):
-    """train.py's or evaluate.py's main(argv): the same command-line tool in-process, without a new process's
-    start-up and compilations (for the tests whose subject is not the process itself)."""
+    """train.py's or evaluate.py's main(argv): the same command-line tool, callable in this process."""
     spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), os.path.join(ROOT, script))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main
+
+
+def run_in_process(capsys, script: str, *args) -> subprocess.CompletedProcess:
+    """run_script's result from the script's main(argv) run in this process (capsys: pytest's output capture):
+    for the tests whose subject is not the process itself, without a new process's start-up and compilations."""
+    capsys.readouterr()
+    code = main_of(script)([str(arg) for arg in args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess([script, *map(str, args)], code, out, err)
 
 
 def start_paused(args: list[str], step: int) -> subprocess.Popen:

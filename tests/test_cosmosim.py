@@ -405,17 +405,18 @@ def test_pre_split_files_and_resizing(cosmosim_output, tmp_path):
     ],
 )
 def test_train_and_evaluate_each_file_kind_through_the_cli(cosmosim_output, tmp_path, files, targets, capsys):
-    from conftest import cli_args, main_of  # the command lines in-process: other tests start them as processes
+    from conftest import cli_args, run_in_process
 
     data = ",".join(str(cosmosim_output / name) for name in files)
     args = cli_args(model="mlp", hidden=(16,), batch_size=16, epochs=1, compilation_cache="")
     args += ["--data", data, "--targets", targets, "--workdir", tmp_path / "run", "--data-dir", tmp_path / "tfds"]
-    assert main_of("train.py")(list(map(str, args))) == 0, capsys.readouterr().err[-3000:]
-    assert "Epoch 1: Loss = " in capsys.readouterr().out
-    assert main_of("evaluate.py")(["--workdir", str(tmp_path / "run")]) == 0, capsys.readouterr().err[-3000:]
-    evaluated = capsys.readouterr().out
-    assert "theta*" in evaluated and "* angle, errors the shorter way round the circle: theta (period 180)" \
-        in evaluated  # fmt: skip
+    trained = run_in_process(capsys, "train.py", *args)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "Epoch 1: Loss = " in trained.stdout
+    evaluated = run_in_process(capsys, "evaluate.py", "--workdir", tmp_path / "run")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "theta*" in evaluated.stdout and "* angle, errors the shorter way round the circle: theta (period 180)" \
+        in evaluated.stdout  # fmt: skip
     rows = read_rows(tmp_path / "run" / "predictions_test.csv")
     assert "theta (true)" in rows[0] and "sigma (predicted)" in rows[0]
     if "roulette.csv" in files:
@@ -440,8 +441,7 @@ def test_train_and_evaluate_each_file_kind_through_the_cli(cosmosim_output, tmp_
     write_rows(
         bad, [dict(r, sigma="oops") if i == 3 else r for i, r in enumerate(read_rows(cosmosim_output / "params.csv"))]
     )
-    code = main_of("train.py")(["--data", str(bad), "--image-dir", str(cosmosim_output / "images"),
-                                "--workdir", str(tmp_path / "bad"), "--data-dir", str(tmp_path / "tfds")])  # fmt: skip
-    refused = capsys.readouterr().err
-    assert code == 2 and "bad.csv line 5: column 'sigma' is not a finite number: 'oops'" in refused
-    assert "Traceback" not in refused and not (tmp_path / "bad").exists()
+    refused = run_in_process(capsys, "train.py", "--data", bad, "--image-dir", cosmosim_output / "images",
+                             "--workdir", tmp_path / "bad", "--data-dir", tmp_path / "tfds")  # fmt: skip
+    assert refused.returncode == 2 and "bad.csv line 5: column 'sigma' is not a finite number: 'oops'" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "bad").exists()

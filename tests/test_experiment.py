@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import TINY, cli_args, main_of, run_script
+from conftest import TINY, cli_args, run_in_process, run_script
 from jaxnets import experiment, losses, training
 from jaxnets.checkpoint import Checkpointer
 from jaxnets.config import Config
@@ -170,25 +170,27 @@ def write_roulette_csv(folder, num_rows=40):
 
 @pytest.mark.slow
 def test_a_cosmosim_run_trains_augmented_and_evaluates_over_the_eight_views(tmp_path, finished_run, capsys):
-    # train.py's and evaluate.py's command lines in-process (finished_run starts them as processes).
-    train, evaluate = main_of("train.py"), main_of("evaluate.py")
     csv_file = write_roulette_csv(tmp_path / "csv")
     workdir = tmp_path / "run"
     tiny = dict(TINY, num_train=None, num_validation=None, num_test=None, image_size=None, epochs=1)
     args = cli_args(**{k: v for k, v in tiny.items() if v is not None}, workdir=workdir, data_dir=tmp_path / "tfds")
     targets = "sigma,xiX,xiY,alpha[*][*],beta[*][*]"
-    assert train(["--data", str(csv_file), "--targets", targets, "--augment", *args]) == 0, capsys.readouterr().err
+    trained = run_in_process(capsys, "train.py", "--data", csv_file, "--targets", targets, "--augment", *args)
+    assert trained.returncode == 0, trained.stderr[-3000:]
     assert Config.load(str(workdir)).augment is True
-    assert evaluate(["--workdir", str(workdir)]) == 0, capsys.readouterr().err
-    assert "averaged over 8 rotations and mirrors" in capsys.readouterr().out
+    averaged = run_in_process(capsys, "evaluate.py", "--workdir", workdir)
+    assert averaged.returncode == 0, averaged.stderr[-3000:]
+    assert "averaged over 8 rotations and mirrors" in averaged.stdout
     report = json.loads((workdir / "eval_test.json").read_text())
-    assert evaluate(["--workdir", str(workdir), "--no-tta"]) == 0 and "rotations" not in capsys.readouterr().out
+    single = run_in_process(capsys, "evaluate.py", "--workdir", workdir, "--no-tta")
+    assert single.returncode == 0 and "rotations" not in single.stdout
     single_report = json.loads((workdir / "eval_test.json").read_text())
     assert (report["views"], single_report["views"]) == (8, 1)
     assert report["parameters"]["xiX"]["mae"] != single_report["parameters"]["xiX"]["mae"]
     lens_workdir, _, _ = finished_run
-    assert evaluate(["--workdir", str(lens_workdir), "--tta"]) == 2
-    assert "--tta: rotations and mirrors apply to regression on CosmoSim data; 'lens' is not" in capsys.readouterr().err
+    refused = run_in_process(capsys, "evaluate.py", "--workdir", lens_workdir, "--tta")
+    assert refused.returncode == 2
+    assert "--tta: rotations and mirrors apply to regression on CosmoSim data; 'lens' is not" in refused.stderr
 
 
 @pytest.mark.slow

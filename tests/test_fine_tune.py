@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import TINY, cli_args, main_of
+from conftest import TINY, cli_args, run_in_process
 from jaxnets import convert, experiment, training
 from jaxnets.checkpoint import Checkpointer
 from jaxnets.config import Config
@@ -97,9 +97,10 @@ def test_fine_tune_trains_the_head_alone_then_the_whole_network(
     workdir, pth = tmp_path / "run", tmp_path / "inception_v3_google.pth"
     shutil.copy(imagenet_file, pth)
     args = cli_args(**SMALL_INCEPTION, workdir=workdir, data_dir=data_dir, init_from=pth)
-    # train.py's command line in-process: the models built below then reuse its compiled initialisers.
-    assert main_of("train.py")([*args, "--fine-tune", "--freeze-backbone-epochs", "1"]) == 0, capsys.readouterr().err
-    assert "Epoch 2: Loss = " in capsys.readouterr().out
+    # In-process: the models built below then reuse the compiled initialisers.
+    result = run_in_process(capsys, "train.py", *args, "--fine-tune", "--freeze-backbone-epochs", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Epoch 2: Loss = " in result.stdout
 
     config = Config.load(str(workdir))
     assert config.fine_tune and config.freeze_backbone_epochs == 1
@@ -172,11 +173,11 @@ def test_init_from_refusals_name_the_fix_and_write_nothing(
     ]
     for path, message in cases:
         workdir = tmp_path / "run"
-        # In-process: the refusal is main's exit code and stderr (run_command), as train.py exits with them.
-        code = main_of("train.py")(cli_args(**SMALL_INCEPTION, init_from=path, workdir=workdir, data_dir=data_dir))
-        stderr = capsys.readouterr().err
-        assert code == 2, stderr[-2000:]
-        assert stderr.startswith("error: --init-from ") and message in stderr and "Traceback" not in stderr
+        result = run_in_process(
+            capsys, "train.py", *cli_args(**SMALL_INCEPTION, init_from=path, workdir=workdir, data_dir=data_dir)
+        )
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert message in result.stderr and "Traceback" not in result.stderr
         assert not os.path.exists(workdir)
 
 

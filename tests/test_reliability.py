@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, cli_args, finish, run_script, start_paused
+from conftest import ROOT, cli_args, finish, run_in_process, run_script, start_paused
 from conftest import TINY as TINY_RUN
 from jaxnets import checkpoint, experiment, monitor, training
 from jaxnets.checkpoint import Checkpointer
@@ -150,11 +150,11 @@ def trained_workdir(tmp_path_factory, data_dir):
 
 
 @pytest.mark.slow
-def test_evaluate_on_missing_empty_or_corrupt_workdirs(tmp_path, trained_workdir):
-    missing = run_script("evaluate.py", "--workdir", tmp_path / "nope")
+def test_evaluate_on_missing_empty_or_corrupt_workdirs(tmp_path, trained_workdir, capsys):
+    missing = run_in_process(capsys, "evaluate.py", "--workdir", tmp_path / "nope")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     (tmp_path / "empty").mkdir()
-    empty = run_script("evaluate.py", "--workdir", tmp_path / "empty")
+    empty = run_in_process(capsys, "evaluate.py", "--workdir", tmp_path / "empty")
     assert empty.returncode == 2 and "train first" in empty.stderr
     corrupt = tmp_path / "corrupt"
     shutil.copytree(trained_workdir, corrupt)
@@ -163,17 +163,17 @@ def test_evaluate_on_missing_empty_or_corrupt_workdirs(tmp_path, trained_workdir
             if "state" in root and not name.startswith("_"):
                 with open(os.path.join(root, name), "r+b") as f:
                     f.write(b"\0garbage" * 64)
-    damaged = run_script("evaluate.py", "--workdir", corrupt)
+    damaged = run_in_process(capsys, "evaluate.py", "--workdir", corrupt)
     assert damaged.returncode == 2 and "damaged" in damaged.stderr, damaged.stderr[-2000:]
     (corrupt / "config.json").write_text("{not json")
-    config = run_script("evaluate.py", "--workdir", corrupt)
+    config = run_in_process(capsys, "evaluate.py", "--workdir", corrupt)
     assert config.returncode == 2 and "config.json" in config.stderr
 
 
 @pytest.mark.slow
-def test_evaluate_unknown_step_lists_the_available_ones(trained_workdir):
+def test_evaluate_unknown_step_lists_the_available_ones(trained_workdir, capsys):
     step = Checkpointer(trained_workdir, read_only=True).latest_step()
-    result = run_script("evaluate.py", "--workdir", trained_workdir, "--step", 999)
+    result = run_in_process(capsys, "evaluate.py", "--workdir", trained_workdir, "--step", 999)
     assert result.returncode == 2
     assert "no checkpoint at step 999" in result.stderr and f"available steps: [{step}]" in result.stderr
 
@@ -188,9 +188,9 @@ def test_evaluate_unknown_step_lists_the_available_ones(trained_workdir):
     ],
 )
 @pytest.mark.slow
-def test_bad_training_input_is_refused_before_anything_is_written(tmp_path, data_dir, change, message):
+def test_bad_training_input_is_refused_before_anything_is_written(tmp_path, data_dir, change, message, capsys):
     workdir = tmp_path / "run"
-    result = run_script("train.py", *cli_args(**{**TINY, **change}, workdir=workdir, data_dir=data_dir))
+    result = run_in_process(capsys, "train.py", *cli_args(**{**TINY, **change}, workdir=workdir, data_dir=data_dir))
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (workdir / "config.json").exists()
@@ -360,11 +360,11 @@ def test_memory_stays_flat_over_300_steps(tmp_path, data_dir):
 
 
 @pytest.mark.slow
-def test_evaluate_options_do_what_help_says(tmp_path, trained_workdir):
+def test_evaluate_options_do_what_help_says(tmp_path, trained_workdir, capsys):
     step = Checkpointer(trained_workdir, read_only=True).latest_step()
-    by_step = run_script("evaluate.py", "--workdir", trained_workdir, "--step", step)
+    by_step = run_in_process(capsys, "evaluate.py", "--workdir", trained_workdir, "--step", step)
     assert by_step.returncode == 0 and f"checkpoint step {step} (validation loss" in by_step.stdout
-    validation = run_script("evaluate.py", "--workdir", trained_workdir, "--split", "validation")
+    validation = run_in_process(capsys, "evaluate.py", "--workdir", trained_workdir, "--split", "validation")
     assert validation.returncode == 0, validation.stderr[-3000:]
     report = json.loads(open(os.path.join(trained_workdir, "eval_validation.json")).read())
     assert report["split"] == "validation" and report["count"] == TINY["num_validation"]
@@ -372,6 +372,6 @@ def test_evaluate_options_do_what_help_says(tmp_path, trained_workdir):
     workdir, old, moved = str(tmp_path / "run"), tmp_path / "data", tmp_path / "moved"
     experiment.train_and_evaluate(Config(**TINY, workdir=workdir, data_dir=str(old)))
     shutil.move(old, moved)
-    elsewhere = run_script("evaluate.py", "--workdir", workdir, "--data-dir", moved)
+    elsewhere = run_in_process(capsys, "evaluate.py", "--workdir", workdir, "--data-dir", moved)
     assert elsewhere.returncode == 0, elsewhere.stderr[-3000:]
     assert not old.exists() and f"examples: {TINY['num_test']}" in elsewhere.stdout

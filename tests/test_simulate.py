@@ -218,20 +218,20 @@ def test_cache_directory_names_the_inputs(toml_path, tmp_path):
 
 
 def test_train_and_evaluate_on_a_simulated_dataset_through_the_cli(toml_path, tmp_path, capsys):
-    from conftest import cli_args, main_of  # the command lines in-process: other tests start them as processes
+    from conftest import cli_args, run_in_process
 
     args = cli_args(
         simulate=toml_path, num_train=48, num_validation=8, num_test=8, seed=SEED, model="mlp", hidden=(16,),
         batch_size=8, epochs=1, targets=("sigma", "theta", "xiX"), compilation_cache="",
         workdir=tmp_path / "run", data_dir=tmp_path / "data",
     )  # fmt: skip
-    assert main_of("train.py")(list(map(str, args))) == 0, capsys.readouterr().err[-3000:]
+    trained = run_in_process(capsys, "train.py", *args)
+    assert trained.returncode == 0, trained.stderr[-3000:]
     (manifest,) = (tmp_path / "data" / "cosmosim_simulated").glob("*/simulate.json")
     assert json.loads(manifest.read_text())["count"] == 64 and json.loads(manifest.read_text())["seed"] == SEED
-    capsys.readouterr()
-    assert main_of("evaluate.py")(["--workdir", str(tmp_path / "run")]) == 0, capsys.readouterr().err[-3000:]
-    evaluated = capsys.readouterr().out
-    assert "examples: 8" in evaluated and "theta*" in evaluated  # the test split; theta an angle
+    evaluated = run_in_process(capsys, "evaluate.py", "--workdir", tmp_path / "run")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "examples: 8" in evaluated.stdout and "theta*" in evaluated.stdout  # the test split; theta an angle
     # Loading again with the same TOML, sizes and seed reuses the simulation (and the conversion).
     from jaxnets.data import load_dataset
 
