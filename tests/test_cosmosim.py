@@ -442,6 +442,7 @@ def test_train_and_evaluate_each_file_kind_through_the_cli(cosmosim_output, tmp_
         bad, [dict(r, sigma="oops") if i == 3 else r for i, r in enumerate(read_rows(cosmosim_output / "params.csv"))]
     )
     refused = run_in_process(capsys, "train.py", "--data", bad, "--image-dir", cosmosim_output / "images",
-                             "--workdir", tmp_path / "bad", "--data-dir", tmp_path / "tfds")  # fmt: skip
+                             "--workdir", tmp_path / "bad", "--data-dir", tmp_path / "tfds",
+                             "--compilation-cache", "")  # fmt: skip
     assert refused.returncode == 2 and "bad.csv line 5: column 'sigma' is not a finite number: 'oops'" in refused.stderr
     assert "Traceback" not in refused.stderr and not (tmp_path / "bad").exists()

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 from conftest import TINY, cli_args, run_in_process, run_script
 from jaxnets import experiment, losses, training
@@ -457,7 +458,8 @@ def test_a_second_identical_run_compiles_from_the_persistent_cache(tmp_path, mon
     cache = tmp_path / "cache"
     for name in ("first", "second"):
         events.clear()
-        jax.clear_caches()  # as a new process would: nothing compiled in memory
+        jax.clear_caches()  # as a new process would: nothing compiled in memory, no cache folder chosen yet
+        compilation_cache.reset_cache()
         experiment.train_and_evaluate(tiny_config(tmp_path, workdir=str(tmp_path / name), compilation_cache=str(cache)))
         if name == "first":
             entries = sorted(p.name for p in cache.iterdir())
