@@ -12,6 +12,7 @@ import glob
 import math
 import os
 import shutil
+import sys
 import warnings
 from typing import Any
 
@@ -42,6 +43,24 @@ def _validation_loss(metrics: dict) -> float:
     # A NaN loss would break the ordering; a diverged step is never the best.
     loss = float(metrics["validation_loss"])
     return loss if math.isfinite(loss) else math.inf
+
+
+def _drop_closed_loop_callbacks() -> None:
+    """Keeps a failed restore's message clean. When one array of a checkpoint cannot be read, orbax's restore
+    stops and closes its asyncio loop while tensorstore's other reads are still running; each of them then calls
+    back into the closed loop and Python reports that RuntimeError as unraisable: a traceback on stderr per array,
+    after our one-line message. Those reports alone are dropped; every other one reaches the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_callbacks", False):
+        return
+
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_callbacks = True
+    sys.unraisablehook = hook
 
 
 def _saveable(state: TrainState) -> dict:
@@ -149,6 +168,7 @@ class Checkpointer:
             )
         target = _saveable(template)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        _drop_closed_loop_callbacks()  # before: the callbacks may come before orbax's error reaches us
         try:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore())
