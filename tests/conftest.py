@@ -1,5 +1,6 @@
 """Shared test settings (float32 CPU JAX, deterministic torch on few threads) and helpers for the tests that
-run train.py / evaluate.py: tiny configurations, the CLI runner, and a run paused at a known step."""
+run train.py / evaluate.py: tiny configurations, the CLI runners (a new process, or main() in this one), and a
+run paused at a known step."""
 
 import functools
 import importlib.util
