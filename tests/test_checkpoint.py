@@ -7,8 +7,6 @@ import signal
 import pytest
 
 from conftest import TINY, cli_args, finish, run_in_process, start_paused
-from jaxnets import experiment
-from jaxnets.config import Config
 
 pytestmark = pytest.mark.slow
 
@@ -27,11 +25,6 @@ def train(capsys, workdir, data_dir, **changes):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def train_in_process(workdir, data_dir, **changes):
-    """What train.py does, without its start-up: for the runs a test needs only as a starting point."""
-    experiment.train_and_evaluate(Config(**{**TINY, **changes}, workdir=workdir, data_dir=data_dir))
-
-
 def assert_evaluate_picks(capsys, workdir, step, *flags):
     result = run_in_process(capsys, "evaluate.py", "--workdir", workdir, *flags)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -42,17 +35,17 @@ def assert_evaluate_picks(capsys, workdir, step, *flags):
 
 def test_the_best_checkpoint_survives_resumed_runs_that_diverge(tmp_path, data_dir, capsys):
     workdir = str(tmp_path / "run")
-    train_in_process(workdir, data_dir, epochs=1)
+    train(capsys, workdir, data_dir, epochs=1)
     assert saved_steps(workdir) == [6]
     # Resumed with a learning rate that wrecks the model: every later epoch is worse than epoch 1.
     train(capsys, workdir, data_dir, epochs=2, lr=50)
     losses = validation_losses(workdir)
     assert losses[12] > losses[6]
     assert saved_steps(workdir) == [6, 12]  # the best (and the previous) and the latest
-    # Two more resumes, in-process (the same code behind train.py), so that step 6 is kept only as the best.
-    train_in_process(workdir, data_dir, epochs=3, lr=50)
+    # Two more resumes, so that step 6 is kept only as the best.
+    train(capsys, workdir, data_dir, epochs=3, lr=50)
     assert saved_steps(workdir) == [6, 12, 18]  # the best and the two latest
-    train_in_process(workdir, data_dir, epochs=4, lr=50)
+    train(capsys, workdir, data_dir, epochs=4, lr=50)
     assert min(validation_losses(workdir).values()) == validation_losses(workdir)[6]
     assert saved_steps(workdir) == [6, 18, 24]  # step 6 is kept only as the best
     assert_evaluate_picks(capsys, workdir, 6)
@@ -62,7 +55,7 @@ def test_the_best_checkpoint_survives_resumed_runs_that_diverge(tmp_path, data_d
 
 def test_an_interrupt_save_never_displaces_the_best(tmp_path, data_dir, capsys):
     workdir = str(tmp_path / "run")
-    train_in_process(workdir, data_dir, epochs=1)
+    train(capsys, workdir, data_dir, epochs=1)
     args = cli_args(**{**TINY, "epochs": 2, "lr": 50}, workdir=workdir, data_dir=data_dir)
     process = start_paused(args, step=9)  # halfway through epoch 2
     process.send_signal(signal.SIGTERM)
