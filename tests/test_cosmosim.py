@@ -7,6 +7,7 @@ import csv
 import json
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -166,6 +167,15 @@ def test_separate_test_csv_forms_the_test_split(tmp_path):
     assert {k: len(v) for k, v in dataset.splits.items()} == {"train": 7, "validation": 1, "test": 3}
     test_files = {f for f, (split, *_) in stored_examples(dataset).items() if split == "test"}
     assert test_files == set(test_values)
+
+
+def test_a_conversion_leaves_nothing_in_the_temporary_folder(tmp_path, monkeypatch):
+    temporary = tmp_path / "tmp"  # see test_lens: TFDS's GCS lookup of an unbuilt dataset
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    csv_path, _, _ = write_dataset(tmp_path, num_rows=4)
+    load_dataset(data=str(csv_path), data_dir=str(tmp_path / "tfds"))
+    assert list(temporary.iterdir()) == []
 
 
 def test_second_load_uses_the_cache_and_a_changed_csv_converts_again(tmp_path):

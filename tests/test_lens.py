@@ -3,6 +3,8 @@
 Datasets are built into pytest's tmp_path at 16-32 px with tens of examples.
 """
 
+import tempfile
+
 import numpy as np
 import pytest
 
@@ -115,6 +117,16 @@ def test_builder_is_deterministic_with_documented_features(tmp_path):
         np.testing.assert_array_equal(example["image"], images[i])
         np.testing.assert_array_equal(example["params"], params[i])
         assert example["lens"] == lens_types[i]
+
+
+def test_a_build_leaves_nothing_in_the_temporary_folder(tmp_path, monkeypatch):
+    # TFDS looks an unbuilt dataset up on its GCS bucket through a temporary folder it never removes: one empty
+    # /tmp/tmp*tfds per build (tensorflow-datasets 4.9), ~60 per test-suite run before LocalDatasetInfo.
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    lens.build(16, 4, 2, 2, data_dir=str(tmp_path / "data"))
+    assert list(temporary.iterdir()) == []
 
 
 def test_other_sizes_get_their_own_cache_and_reload_is_reuse(tmp_path):

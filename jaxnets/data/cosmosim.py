@@ -47,6 +47,8 @@ from etils import epath
 from PIL import Image
 from tqdm import tqdm
 
+from jaxnets.data.lens import LocalDatasetInfo
+
 # Columns that name or describe an example, never a target.
 TEXT_COLUMNS = ("index", "filename", "model", "lens", "source", "cluster")
 # Without --targets: the lens and source parameters present (CosmoSim 3.x and 2023 names), in the file's order.
@@ -356,7 +358,7 @@ class CosmoSimCsv(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _info(self) -> tfds.core.DatasetInfo:
         config = self.builder_config
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self,
             description=f"CosmoSim dataset converted from {config.metadata.get('csv')}",
             features=tfds.features.FeaturesDict(
