@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import gc
 import json
 import re
 import subprocess
@@ -97,6 +98,28 @@ def test_the_loss_and_lr_default_to_huber_and_1e_3_for_roulette_amplitudes_only(
     assert experiment.with_data_defaults(dataclasses.replace(config, lr=5e-4), amplitudes).lr == 5e-4
     with pytest.raises(ValueError, match="with_data_defaults"):
         experiment.build_optimizer(config, 1)  # an unresolved config names the step it missed
+
+
+def test_the_train_step_traces_with_the_garbage_collector_paused_and_restored_after():
+    seen = []
+
+    class TrainStep:
+        def lower(self, state, batch):
+            seen.append(gc.isenabled())
+            if batch == "bad":
+                raise ZeroDivisionError
+            return "lowered"
+
+    assert experiment._lower_train_step(TrainStep(), None, {}, None) == "lowered"
+    with pytest.raises(ZeroDivisionError):
+        experiment._lower_train_step(TrainStep(), None, "bad", None)
+    assert seen == [False, False] and gc.isenabled()
+    gc.disable()  # a program that turned it off keeps it off
+    try:
+        experiment._lower_train_step(TrainStep(), None, {}, None)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_a_run_saves_the_data_defaults_it_trained_with_and_keeps_them(tmp_path, monkeypatch):
