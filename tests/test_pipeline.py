@@ -3,6 +3,8 @@
 Most tests use an in-memory dataset; named datasets use tfds.testing.mock_data (no download).
 """
 
+import tempfile
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -144,7 +146,9 @@ def test_split_off_is_seeded_and_disjoint():
     assert ids(split_off(examples, 0.2, seed=0)[1]) == ids(held) != ids(split_off(examples, 0.2, seed=1)[1])
 
 
-def test_named_tfds_dataset_with_mock_data(tmp_path):
+def test_named_tfds_dataset_with_mock_data(tmp_path, monkeypatch):
+    # TFDS leaves an empty temporary folder per unbuilt catalog builder (its GCS lookup): keep them in tmp_path.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with tfds.testing.mock_data(num_examples=30):
         dataset = load_dataset("mnist", data_dir=str(tmp_path), seed=0)
         assert dataset.task == "classification" and dataset.num_classes == 10
