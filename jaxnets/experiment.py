@@ -454,8 +454,8 @@ def _check_saved_config(config: Config, saved: Config, workdir: str) -> None:
 def _collector_paused() -> Iterator[None]:
     """Python's garbage collector off for the block, back as it was after it. Tracing Inception3's train step
     creates hundreds of thousands of objects that outlive each collection, which the collector then scans again
-    and again: a third of the tracing time (README, "Why the code is as it is"). Cycles left meanwhile are
-    collected once it is back on."""
+    and again: a quarter of the time to trace and lower it (README, "Why the code is as it is"). Cycles left
+    meanwhile are collected once it is back on."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
