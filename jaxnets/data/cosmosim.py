@@ -47,7 +47,7 @@ from etils import epath
 from PIL import Image
 from tqdm import tqdm
 
-from jaxnets.data.lens import LocalDatasetInfo
+from jaxnets.data.info import LocalDatasetInfo
 
 # Columns that name or describe an example, never a target.
 TEXT_COLUMNS = ("index", "filename", "model", "lens", "source", "cluster")

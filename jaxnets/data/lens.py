@@ -42,6 +42,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from jaxnets.config import LENS_IMAGE_SIZE, Config
+from jaxnets.data.info import LocalDatasetInfo
 
 DEFAULTS = Config()  # lens dataset sizes default to the run's defaults
 PARAM_NAMES = ("x", "y", "einsteinR", "sigma", "sigma2", "theta")
@@ -194,15 +195,6 @@ def lens_config(
         num_test=int(num_test),
         seed=int(seed),
     )
-
-
-class LocalDatasetInfo(tfds.core.DatasetInfo):
-    """A DatasetInfo for data built on this machine. TFDS looks every unbuilt dataset up on its GCS bucket through a
-    temporary folder it never removes (one empty /tmp/tmp*tfds per build, tensorflow-datasets 4.9); ours are never
-    there, so the lookup is skipped."""
-
-    def initialize_from_bucket(self) -> None:
-        pass
 
 
 class Lens(tfds.core.GeneratorBasedBuilder, skip_registration=True):
