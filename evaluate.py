@@ -12,9 +12,9 @@ from jaxnets.config import Config
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from jaxnets import experiment, report
+    from jaxnets import evaluation, report
 
-    summary = experiment.evaluate_run(
+    summary = evaluation.evaluate_run(
         args.workdir,
         step=args.step,
         which=args.which or "best",

@@ -1,5 +1,5 @@
-"""A whole run from one Config: build data, model and optimiser, train with checkpoints and logs,
-resume where a run stopped, and evaluate a saved run (the work behind train.py and evaluate.py).
+"""A whole run from one Config: build data, model and optimiser, train with checkpoints and logs, and
+resume where a run stopped (the work behind train.py; jaxnets.evaluation evaluates the saved run).
 
 This module is the edge of the library: it prints, draws progress bars and writes files.
 """
@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -25,13 +25,13 @@ from absl import logging as absl_logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jaxnets import convert, host_memory, losses, metrics, monitor, report, training
+from jaxnets import convert, host_memory, losses, monitor, report, training
 from jaxnets import data as data_lib
 from jaxnets.checkpoint import CHECKPOINT_DIR, Checkpointer
 from jaxnets.config import Config, format_value
 from jaxnets.data import pipeline
-from jaxnets.data.symmetry import SYMMETRIES, TargetSymmetry, transform_images
-from jaxnets.data.targets import TargetEncoding, parse_axis_ratios, parse_weights
+from jaxnets.data.symmetry import TargetSymmetry
+from jaxnets.data.targets import parse_axis_ratios, parse_weights
 from jaxnets.models import MLP, Inception3
 from jaxnets.workdir_lock import WorkdirBusy, WorkdirLock
 
@@ -661,155 +661,3 @@ def train_and_evaluate(config: Config) -> dict:
     if is_main and writer.history:
         report.plot_loss_curve(os.path.join(workdir, "loss_curve.png"), writer.history)
     return {"history": writer.history, "interrupted": None}
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-
-
-def _candidates(checkpointer: Checkpointer, which: str) -> list[int]:
-    """The checkpoints to try, best first: by validation loss for "best" (mid-epoch saves last), newest first for
-    "latest"."""
-    newest_first = sorted(checkpointer.steps(), reverse=True)
-    if which == "latest":
-        return newest_first
-    losses = {step: checkpointer.validation_loss(step) for step in newest_first}
-    rated = [step for _, step in sorted((loss, step) for step, loss in losses.items() if loss is not None)]
-    return rated + [step for step in newest_first if step not in rated]
-
-
-def _saved_encoding(record: dict, dataset: data_lib.Dataset) -> TargetEncoding:
-    """The target encoding a checkpoint was trained with (runs before angles saved only a mean and std)."""
-    if record.get("targets") is not None:
-        return TargetEncoding.from_json(record["targets"])
-    plain = dataset.target_encoding(standardize=False)
-    if record.get("target_mean") is None:
-        return plain
-    mean, std = (np.asarray(record[key], np.float32) for key in ("target_mean", "target_std"))
-    return dataclasses.replace(plain, mean=mean, std=std)
-
-
-def _moved(batches: Iterable[dict], view: np.ndarray) -> Iterator[dict]:
-    """The batches with their images moved by view (one of the square's symmetries); the targets as they are."""
-    for batch in batches:
-        yield dict(batch, image=transform_images(batch["image"], view))
-
-
-def evaluate_run(
-    workdir: str,
-    *,
-    step: int | None = None,
-    which: str = "best",
-    split: str = "test",
-    data_dir: str | None = None,
-    tta: bool | None = None,
-) -> dict:
-    """The no-grad test loop on a saved run: rebuilds model and data from the workdir's config,
-    restores a checkpoint (step, or the best / latest), writes eval_<split>.json,
-    predictions_<split>.csv and predictions_<split>.png, and returns the report.
-
-    tta (test-time augmentation): predict each image in all 8 of the square's rotations and mirrors, move each
-    prediction back and average them (default: when the targets have such a rule, CosmoSim data)."""
-    if not os.path.isdir(workdir):
-        raise RunError(f"workdir {workdir!r} does not exist: train first (python train.py --workdir ...)")
-    if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
-        raise RunError(f"no checkpoints folder in {workdir!r}: train first, or check --workdir")
-    try:
-        config = Config.load(workdir)
-    except (FileNotFoundError, ValueError) as error:
-        raise RunError(str(error)) from None
-    if data_dir:
-        config = dataclasses.replace(config, data_dir=data_dir)
-    setup_jax(config)
-    checkpointer = Checkpointer(workdir, read_only=True)
-    available = checkpointer.steps()
-    if not available:
-        raise RunError(f"no complete checkpoint in {checkpointer.directory}: train first, or check --workdir")
-    if step is not None and step not in available:
-        raise RunError(f"no checkpoint at step {step} in {checkpointer.directory}; available steps: {available}")
-    if step is not None:
-        which, candidates = "step", [step]
-    else:
-        if which == "best" and checkpointer.best_step() is None:
-            which = "latest"  # no checkpoint records a validation loss
-        candidates = _candidates(checkpointer, which)
-    dataset = load_data(config)
-    if split not in dataset.splits:
-        raise RunError(f"dataset {dataset.name!r} has no split {split!r}; it has {sorted(dataset.splits)}")
-    if tta is None:
-        tta = has_symmetry(dataset)
-    try:
-        symmetry = target_symmetry(dataset) if tta else None
-    except ValueError as error:
-        raise RunError(f"--tta: {error}") from None
-    loss_fn = loss_function(config, dataset)
-    # The checkpoint holds every weight: the template needs only the shapes, not --init-from's file.
-    template = training.TrainState.create(
-        build_model(dataclasses.replace(config, init_from=None), dataset), build_optimizer(config, 1)
-    )
-    for step in candidates:
-        try:
-            state, record = checkpointer.restore(template, step)
-            break
-        except ValueError as error:
-            if step == candidates[-1]:
-                raise RunError(str(error)) from None
-            # A damaged best (or latest) checkpoint: the next one in line, and the report says so.
-            warnings.warn(f"{error}; evaluating the next {which} checkpoint instead", stacklevel=2)
-    validation_loss = checkpointer.validation_loss(step)
-    mesh = training.data_mesh()
-    encoding = _saved_encoding(record, dataset) if dataset.task == "regression" else None
-    state = training.replicate(training.with_ema_params(state), mesh)
-    eval_step = training.make_eval_step(loss_fn, with_predictions=True)
-    views = SYMMETRIES if symmetry is not None else SYMMETRIES[:1]
-    results = [
-        training.evaluate(
-            state,
-            _moved(pipeline.batches(dataset, split, config.batch_size, train=False, encoding=encoding), view),
-            eval_step,
-            mesh,
-            with_predictions=True,
-        )
-        for view in views
-    ]
-    result = results[0]
-    predictions, true = result["predictions"], result["targets"]
-    if dataset.task == "regression":
-        if symmetry is not None:
-            predictions = symmetry.average_outputs(encoding, [each["predictions"] for each in results], views)
-            result["loss"] = float(loss_fn(predictions, encoding.encode(true)))
-        predictions = encoding.decode(predictions)  # true holds the raw targets: the batches carry them
-        summary = metrics.regression_report(true, predictions, dataset.target_names, periods=encoding.periods)
-    else:
-        summary = metrics.classification_report(true, predictions, dataset.target_names)
-    summary.update(
-        loss=result["loss"],
-        views=len(views),
-        split=split,
-        step=int(step),
-        checkpoint=which,
-        validation_loss=validation_loss,
-        workdir=workdir,
-    )
-    if jax.process_index() == 0:
-        report.write_json(os.path.join(workdir, f"eval_{split}.json"), summary)
-        if dataset.task == "regression":
-            report.write_predictions(
-                os.path.join(workdir, f"predictions_{split}.csv"),
-                result["index"],
-                true,
-                predictions,
-                list(dataset.target_names),
-                dataset.splits[split].identifiers(),
-            )
-            report.plot_predictions(os.path.join(workdir, f"predictions_{split}.png"), true, predictions, summary)
-        else:
-            report.write_predictions(
-                os.path.join(workdir, f"predictions_{split}.csv"),
-                result["index"],
-                true,
-                predictions.argmax(axis=-1),
-                ["label"],
-                dataset.splits[split].identifiers(),
-            )
-    return summary

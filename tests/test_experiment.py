@@ -357,20 +357,6 @@ def test_a_checkpoint_that_appears_while_the_run_starts_is_not_resumed_unchecked
         experiment.train_and_evaluate(dataclasses.replace(config, epochs=2))
 
 
-def test_classification_run_reports_accuracy_and_confusion(tmp_path):
-    config = tiny_config(tmp_path, task="classification", epochs=1)
-    experiment.train_and_evaluate(config)
-    report = experiment.evaluate_run(config.run_dir, split="test")
-    assert report["task"] == "classification" and report["count"] == 20
-    assert sum(map(sum, report["confusion_matrix"])) == 20
-    assert set(report["per_class_accuracy"]) == {"sis", "point_mass"}
-    with open(tmp_path / "run" / "predictions_test.csv") as f:
-        rows = list(csv.DictReader(f))
-    predicted = np.array([float(r["label (predicted)"]) for r in rows])
-    true = np.array([float(r["label (true)"]) for r in rows])
-    assert report["accuracy"] == pytest.approx(np.mean(predicted == true))
-
-
 def updates(tx, steps, *, grad=1.0, params=None, values=None):
     """The update of parameter w (3 zeros unless params) at each of `steps` calls with a constant gradient."""
     params = params or {"w": jnp.zeros(3)}
@@ -536,16 +522,3 @@ def test_the_nan_check_names_the_step_that_went_bad(tmp_path, monkeypatch, bad, 
     with pytest.raises(experiment.RunError, match=rf"NaN or Inf at step {bad} in epoch 1") as error:
         experiment.train_and_evaluate(tiny_config(tmp_path, num_train=16 * 30, epochs=1))
     assert error.value.exit_code == 3 and len(fed) == stops_after
-
-
-def test_ema_run_validates_and_evaluates_with_the_average(tmp_path, monkeypatch):
-    config = tiny_config(tmp_path, ema=0.5)
-    history = experiment.train_and_evaluate(config)["history"]
-    # evaluate.py restores the best checkpoint and must see the averaged weights that validation saw.
-    report = experiment.evaluate_run(config.workdir, split="validation")
-    assert report["validation_loss"] == min(h["validation_loss"] for h in history)
-    assert report["loss"] == pytest.approx(report["validation_loss"], rel=1e-5)
-    monkeypatch.setattr(training, "with_ema_params", lambda state: state)  # the raw weights instead
-    assert experiment.evaluate_run(config.workdir, split="validation")["loss"] != pytest.approx(
-        report["loss"], rel=1e-3
-    )

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from conftest import TINY, cli_args, run_in_process
-from jaxnets import convert, experiment, training
+from jaxnets import convert, evaluation, experiment, training
 from jaxnets.checkpoint import Checkpointer
 from jaxnets.config import Config
 from jaxnets.experiment import RunError
@@ -128,7 +128,7 @@ def test_fine_tune_trains_the_head_alone_then_the_whole_network(
     assert len(changed) == len(weights)  # epoch 2: everything trains
 
     pth.unlink()
-    evaluated = experiment.evaluate_run(str(workdir))  # evaluate.py's work, from the checkpoint alone: no .pth
+    evaluated = evaluation.evaluate_run(str(workdir))  # evaluate.py's work, from the checkpoint alone: no .pth
     assert evaluated["count"] == 20 and evaluated["step"] == 12
 
 

@@ -1,0 +1,41 @@
+"""evaluate.py's work (jaxnets.evaluation): reports from a saved run, the weights it evaluates with."""
+
+import csv
+
+import numpy as np
+import pytest
+
+from conftest import TINY
+from jaxnets import evaluation, experiment, training
+from jaxnets.config import Config
+
+
+def tiny_config(tmp_path, **changes):
+    return Config(**{**TINY, "workdir": str(tmp_path / "run"), "data_dir": str(tmp_path / "data"), **changes})
+
+
+def test_classification_run_reports_accuracy_and_confusion(tmp_path):
+    config = tiny_config(tmp_path, task="classification", epochs=1)
+    experiment.train_and_evaluate(config)
+    report = evaluation.evaluate_run(config.run_dir, split="test")
+    assert report["task"] == "classification" and report["count"] == 20
+    assert sum(map(sum, report["confusion_matrix"])) == 20
+    assert set(report["per_class_accuracy"]) == {"sis", "point_mass"}
+    with open(tmp_path / "run" / "predictions_test.csv") as f:
+        rows = list(csv.DictReader(f))
+    predicted = np.array([float(r["label (predicted)"]) for r in rows])
+    true = np.array([float(r["label (true)"]) for r in rows])
+    assert report["accuracy"] == pytest.approx(np.mean(predicted == true))
+
+
+def test_ema_run_validates_and_evaluates_with_the_average(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path, ema=0.5)
+    history = experiment.train_and_evaluate(config)["history"]
+    # evaluate.py restores the best checkpoint and must see the averaged weights that validation saw.
+    report = evaluation.evaluate_run(config.workdir, split="validation")
+    assert report["validation_loss"] == min(h["validation_loss"] for h in history)
+    assert report["loss"] == pytest.approx(report["validation_loss"], rel=1e-5)
+    monkeypatch.setattr(training, "with_ema_params", lambda state: state)  # the raw weights instead
+    assert evaluation.evaluate_run(config.workdir, split="validation")["loss"] != pytest.approx(
+        report["loss"], rel=1e-3
+    )
