@@ -75,7 +75,9 @@ def jax_worker(mode: str, batch: int, channels: int, size: int, precision: str) 
     )
     step = training.make_train_step(losses.mse) if mode == "train" else training.make_eval_step(losses.mse)
     started = time.perf_counter()
-    compiled = step.lower(state, data).compile()
+    with host_memory.collector_paused():  # as train_and_evaluate traces its step
+        lowered = step.lower(state, data)
+    compiled = lowered.compile()
     compile_seconds = time.perf_counter() - started
     host_memory.release_freed_memory()  # as train_and_evaluate does after compiling
 

@@ -7,7 +7,6 @@ This module is the edge of the library: it prints, draws progress bars and write
 import contextlib
 import dataclasses
 import functools
-import gc
 import json
 import math
 import os
@@ -15,7 +14,7 @@ import sys
 import time
 import warnings
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -450,26 +449,11 @@ def _check_saved_config(config: Config, saved: Config, workdir: str) -> None:
         )
 
 
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Python's garbage collector off for the block, back as it was after it. Tracing Inception3's train step
-    creates hundreds of thousands of objects that outlive each collection, which the collector then scans again
-    and again: a quarter of the time to trace and lower it (README, "Why the code is as it is"). Cycles left
-    meanwhile are collected once it is back on."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def _lower_train_step(train_step, state: training.TrainState, batch, model: nnx.Module):
     """Traces the train step on a real batch: a wrong image size or channel count fails here, with the model's
     message and before anything is written; compiling the result later reuses this trace."""
     try:
-        with _collector_paused():
+        with host_memory.collector_paused():
             return train_step.lower(state, batch)
     except ValueError as error:
         raise RunError(

@@ -11,11 +11,17 @@ Standard library only: call it before importing JAX. Set JAXNETS_HUGE_PAGES=0 to
 Compiling a large train step leaves the compiler's freed memory in malloc's heap, which the process keeps; the
 step's own buffers then come on top. `release_freed_memory()` after compiling returns it and lowers the peak RSS
 (README, Benchmarks).
+
+Tracing a large train step makes hundreds of thousands of Python objects that outlive each garbage collection:
+`collector_paused()` keeps the collector from scanning them again and again while it traces.
 """
 
+import contextlib
 import ctypes
+import gc
 import os
 import sys
+from collections.abc import Iterator
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "JAXNETS_HUGE_PAGES"
@@ -64,3 +70,18 @@ def release_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's garbage collector off for the block, back as it was after it. Tracing Inception3's train step
+    creates hundreds of thousands of objects that outlive each collection, which the collector then scans again
+    and again: a quarter of the time to trace and lower it (README, "Why the code is as it is"). Cycles left
+    meanwhile are collected once it is back on."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
