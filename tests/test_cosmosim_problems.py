@@ -34,10 +34,19 @@ def test_the_means_leave_out_what_the_image_cannot_show_and_the_auxiliary_target
 ARGS = argparse.Namespace(image_size=64, num_train=30, num_validation=5, num_test=10, epochs=2, data_dir=None)
 
 
-def train_options(problem: str, *extra: str, auxiliary: bool = True) -> dict[str, str]:
-    args = argparse.Namespace(**vars(ARGS), auxiliary=auxiliary)
-    listed = cosmosim_problems.train_options(cosmosim_problems.PROBLEMS[problem], "runs/x", args, list(extra))
-    return dict(zip(listed[::2], listed[1::2], strict=True))
+def as_dict(listed: list[str]) -> dict[str, str | bool]:
+    """train.py's options as {option: value}, True for a flag (an option followed by another option)."""
+    options = {}
+    for at, item in enumerate(listed):
+        if item.startswith("--"):
+            following = listed[at + 1] if at + 1 < len(listed) else "--"
+            options[item] = True if following.startswith("--") else following
+    return options
+
+
+def train_options(problem: str, *extra: str, auxiliary: bool = True, **sizes) -> dict[str, str | bool]:
+    args = argparse.Namespace(**{**vars(ARGS), **sizes}, auxiliary=auxiliary)
+    return as_dict(cosmosim_problems.train_options(cosmosim_problems.PROBLEMS[problem], "runs/x", args, list(extra)))
 
 
 def test_sie_trains_its_auxiliary_targets_with_sigma_weighed_unless_told_otherwise():
@@ -56,3 +65,14 @@ def test_sie_trains_its_auxiliary_targets_with_sigma_weighed_unless_told_otherwi
     assert plain["--targets"] == "sigma,sigma2,theta,xiX,xiY,alpha[*][*],beta[*][*]"
     assert "--target-weights" not in plain
     assert "--target-weights" not in train_options("cluster2")  # no auxiliary targets: nothing weighed
+
+
+def test_each_problem_trains_with_its_cpu_setting_unless_the_sizes_are_given():
+    sie, cluster2 = (train_options(name, num_train=None, epochs=None) for name in ("sie", "cluster2"))
+    assert (sie["--num-train"], sie["--epochs"], sie.get("--augment")) == ("6000", "5", True)
+    assert (cluster2["--num-train"], cluster2["--epochs"], cluster2.get("--augment")) == ("3000", "10", None)
+    given = cosmosim_problems.train_options(
+        SIE, "runs/x", argparse.Namespace(**vars(ARGS), auxiliary=True), ["--no-augment"]
+    )
+    assert as_dict(given)["--num-train"] == "30" and as_dict(given)["--epochs"] == "2"  # the user's sizes
+    assert given[-2:] == ["--augment", "--no-augment"]  # the user's options after the problem's: theirs win
