@@ -1,5 +1,7 @@
-"""The restart with glibc's huge-page tunable: when it happens, that it keeps the process, and that it cuts faults."""
+"""The restart with glibc's huge-page tunable: when it happens, that it keeps the process, and that it cuts faults;
+the garbage collector's pause while a step traces."""
 
+import gc
 import os
 import subprocess
 import sys
@@ -135,3 +137,19 @@ def test_the_scripts_restart_themselves_with_huge_pages(tmp_path, script):
     assert len(starts) == 2, starts
     (pid, tunables), (pid_after, tunables_after) = starts
     assert pid_after == pid and tunables == "-" and tunables_after == "glibc.malloc.hugetlb=1"
+
+
+def test_the_collector_pauses_for_the_block_and_comes_back_as_it_was():
+    with host_memory.collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), host_memory.collector_paused():
+        raise RuntimeError("the trace failed")
+    assert gc.isenabled()  # back on after an error too
+    gc.disable()  # a program that turned it off keeps it off
+    try:
+        with host_memory.collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
