@@ -159,12 +159,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", default=",".join(PROBLEMS), help=f"comma-separated, of {', '.join(PROBLEMS)}")
     parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument(
-        "--num-train", type=int, help="training images (default: the problem's CPU setting, 3000; sie 6000)"
-    )
+    cpu_setting = ", ".join(f"{name} {p.num_train} × {p.epochs}" for name, p in PROBLEMS.items())
+    parser.add_argument("--num-train", type=int, help=f"training images (default, images × epochs: {cpu_setting})")
     parser.add_argument("--num-validation", type=int, default=500)
     parser.add_argument("--num-test", type=int, default=1000)
-    parser.add_argument("--epochs", type=int, help="default: the problem's CPU setting, 10; sie 5 (README)")
+    parser.add_argument("--epochs", type=int, help="default: the problem's CPU setting, as for --num-train")
     parser.add_argument("--runs", default="runs/bench", help="workdirs go to <runs>/<problem>")
     parser.add_argument("--data-dir", default=None, help="TFDS folder (the simulation is cached there)")
     parser.add_argument("--out", default="bench/cosmosim_problems.json")

@@ -69,6 +69,13 @@ r-max = 20
 """
 
 
+def tiny_config(tmp_path, **changes):
+    """The TINY run as a Config, its workdir and data under tmp_path; `changes` override any field."""
+    from jaxnets.config import Config
+
+    return Config(**{**TINY, "workdir": str(tmp_path / "run"), "data_dir": str(tmp_path / "data"), **changes})
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if "torch" in getattr(item, "fixturenames", ()):

@@ -5,13 +5,8 @@ import csv
 import numpy as np
 import pytest
 
-from conftest import TINY
+from conftest import tiny_config
 from jaxnets import evaluation, experiment, training
-from jaxnets.config import Config
-
-
-def tiny_config(tmp_path, **changes):
-    return Config(**{**TINY, "workdir": str(tmp_path / "run"), "data_dir": str(tmp_path / "data"), **changes})
 
 
 def test_classification_run_reports_accuracy_and_confusion(tmp_path):

@@ -15,16 +15,12 @@ import optax
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from conftest import TINY, cli_args, run_in_process, run_script
+from conftest import TINY, cli_args, run_in_process, run_script, tiny_config
 from jaxnets import experiment, losses, training
 from jaxnets.checkpoint import Checkpointer
 from jaxnets.config import Config
 from jaxnets.data import Dataset, lens, pipeline
 from jaxnets.data.targets import TargetEncoding, parse_weights
-
-
-def tiny_config(tmp_path, **changes):
-    return Config(**{**TINY, "workdir": str(tmp_path / "run"), "data_dir": str(tmp_path / "data"), **changes})
 
 
 @pytest.fixture(scope="module")
