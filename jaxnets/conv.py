@@ -19,6 +19,11 @@ Implementation = Literal["auto", "lax", "dot"]
 IMPLEMENTATION_ENV = "JAXNETS_CONV"
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
+# For programs that differentiate conv2d: XLA:CPU removes optimization barriers before it merges common
+# subexpressions ("cse_barrier_expander"), which would undo the recomputation in `_conv_dot_backward`. Kept, the
+# barriers are no-ops at run time. Figures: README, Benchmarks.
+COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
+
 # Why dots on CPU: XLA:CPU's convolution gradients (whole-image kernel windows, strided input gradients) and its
 # bfloat16 convolutions are slow, while its matrix products run near the CPU's peak, so im2col + dot wins the train
 # step overall even where lax wins a single layer. Figures: README, Benchmarks, "Why the code is as it is";
@@ -187,6 +192,11 @@ def _conv_dot_backward(strides, padding, precision, residuals, output_grad):
     # d weights = columns^T @ d output, summed over batch and grid: [k_h * k_w * in, out]. Written as
     # (d output^T @ columns)^T: XLA's dot wants its left operand's contracted axis innermost, so this way it
     # transposes d output (out channels wide) instead of the k_h * k_w times wider columns.
+    # The columns are built again from the saved images, behind a barrier that XLA does not see through (with
+    # COMPILER_OPTIONS), so it cannot reuse the forward's: kept from the forward to the backward, the columns of
+    # every layer (k_h * k_w times its input) were most of the train step's memory.
+    if (kernel_h, kernel_w) != (1, 1) or strides != (1, 1) or padding != ((0, 0), (0, 0)):
+        images, output_grad = lax.optimization_barrier((images, output_grad))
     columns = patches(images, (kernel_h, kernel_w), strides, padding)
     kernel_grad = _matmul(output_grad, columns, (0, 1, 2), (0, 1, 2), precision, kernel.dtype).T
     return images_grad, kernel_grad.reshape(kernel.shape)

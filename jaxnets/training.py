@@ -16,6 +16,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxnets import conv
+
 Batch = dict[str, Any]
 Metrics = dict[str, jax.Array]
 LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -141,7 +143,9 @@ def make_train_step(
         metrics["first_nonfinite_step"] = jnp.where(jnp.isfinite(loss), NO_STEP, new_state.step)
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+    # Where convolutions are im2col, their backward builds the columns again instead of keeping the forward's.
+    compiler_options = conv.COMPILER_OPTIONS if conv.cpu_tuned() else None
+    return jax.jit(train_step, donate_argnums=(0,) if donate else (), compiler_options=compiler_options)
 
 
 def make_eval_step(loss_fn: LossFn, *, with_predictions: bool = False) -> Callable:

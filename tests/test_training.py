@@ -17,6 +17,7 @@ from jaxnets import experiment, losses, training
 from jaxnets.checkpoint import Checkpointer
 from jaxnets.config import Config
 from jaxnets.models import MLP
+from jaxnets.models.layers import Conv2d
 from jaxnets.monitor import read_history
 
 WORKER = os.path.join(os.path.dirname(__file__), "multidevice_worker.py")
@@ -49,6 +50,25 @@ def test_train_step_lowers_loss_on_fixed_batch(mesh):
         first = first if first is not None else training.summarize(metrics)["loss"]
     assert int(state.step) == 10
     assert training.summarize(metrics)["loss"] < 0.7 * first
+
+
+class TinyConvNet(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv = Conv2d(1, 4, 3, padding=1, rngs=rngs)
+        self.head = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(jnp.mean(jax.nn.relu(self.conv(x)), axis=(1, 2)))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the train step keeps XLA's passes on GPU")
+def test_train_step_keeps_the_barrier_that_rebuilds_the_columns(mesh):
+    """On CPU the train step is compiled with conv.COMPILER_OPTIONS, so that a convolution's backward builds its
+    columns again rather than keeping the forward's (test_conv); without them XLA drops the barrier."""
+    state = training.TrainState.create(TinyConvNet(nnx.Rngs(0)), optax.adam(1e-3))
+    batch = {**make_batch(rows=4), "image": np.ones((4, 6, 6, 1), np.float32)}
+    program = training.make_train_step(losses.mse).lower(state, batch).compile().as_text()
+    assert "opt-barrier" in program
 
 
 def test_eval_step_is_the_plain_forward_pass(mesh):
