@@ -192,10 +192,12 @@ def _conv_dot_backward(strides, padding, precision, residuals, output_grad):
     # d weights = columns^T @ d output, summed over batch and grid: [k_h * k_w * in, out]. Written as
     # (d output^T @ columns)^T: XLA's dot wants its left operand's contracted axis innermost, so this way it
     # transposes d output (out channels wide) instead of the k_h * k_w times wider columns.
-    # The columns are built again from the saved images, behind a barrier that XLA does not see through (with
-    # COMPILER_OPTIONS), so it cannot reuse the forward's: kept from the forward to the backward, the columns of
-    # every layer (k_h * k_w times its input) were most of the train step's memory.
-    if (kernel_h, kernel_w) != (1, 1) or strides != (1, 1) or padding != ((0, 0), (0, 0)):
+    # In float32 the columns are built again from the saved images, behind a barrier that XLA does not see through
+    # (with COMPILER_OPTIONS), so it cannot reuse the forward's: kept from the forward to the backward, the columns of
+    # every layer (k_h * k_w times its input) were most of the train step's memory. bfloat16 columns take half the
+    # memory and building them again cost the faster bfloat16 step 2-6 % (README, Benchmarks), so they are kept.
+    rebuild = (kernel_h, kernel_w) != (1, 1) or strides != (1, 1) or padding != ((0, 0), (0, 0))
+    if rebuild and jnp.dtype(images.dtype).itemsize >= 4:
         images, output_grad = lax.optimization_barrier((images, output_grad))
     columns = patches(images, (kernel_h, kernel_w), strides, padding)
     kernel_grad = _matmul(output_grad, columns, (0, 1, 2), (0, 1, 2), precision, kernel.dtype).T
