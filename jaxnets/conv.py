@@ -120,6 +120,11 @@ def _matmul(a: jax.Array, b: jax.Array, contract_a: Sequence[int], contract_b: S
     return product.astype(out_dtype)
 
 
+def _pointwise(kernel_size: tuple[int, int], strides: tuple[int, int], padding: Padding) -> bool:
+    """A 1x1 kernel, stride 1, no padding: the columns are the images themselves."""
+    return tuple(kernel_size) == (1, 1) and strides == (1, 1) and padding == ((0, 0), (0, 0))
+
+
 def patches(images: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int], padding: Padding) -> jax.Array:
     """im2col: every kernel window of the zero-padded images as one row.
 
@@ -127,7 +132,7 @@ def patches(images: jax.Array, kernel_size: tuple[int, int], strides: tuple[int,
     ordered (row, column, channel) like an HWIO kernel reshaped to [kernel_h * kernel_w * channels, out].
     """
     kernel_h, kernel_w = kernel_size
-    if (kernel_h, kernel_w) == (1, 1) and strides == (1, 1) and padding == ((0, 0), (0, 0)):
+    if _pointwise(kernel_size, strides, padding):
         return images
     dtype = images.dtype
     channels = images.shape[3]
@@ -189,17 +194,16 @@ def _conv_dot_backward(strides, padding, precision, residuals, output_grad):
     )
     images_grad = col2im(columns_grad)[0].astype(images.dtype)
 
-    # d weights = columns^T @ d output, summed over batch and grid: [k_h * k_w * in, out]. Written as
-    # (d output^T @ columns)^T: XLA's dot wants its left operand's contracted axis innermost, so this way it
-    # transposes d output (out channels wide) instead of the k_h * k_w times wider columns.
     # In float32 the columns are built again from the saved images, behind a barrier that XLA does not see through
     # (with COMPILER_OPTIONS), so it cannot reuse the forward's: kept from the forward to the backward, the columns of
     # every layer (k_h * k_w times its input) were most of the train step's memory. bfloat16 columns take half the
     # memory and building them again cost the faster bfloat16 step 2-6 % (README, Benchmarks), so they are kept.
-    rebuild = (kernel_h, kernel_w) != (1, 1) or strides != (1, 1) or padding != ((0, 0), (0, 0))
-    if rebuild and jnp.dtype(images.dtype).itemsize >= 4:
+    if not _pointwise((kernel_h, kernel_w), strides, padding) and jnp.dtype(images.dtype).itemsize >= 4:
         images, output_grad = lax.optimization_barrier((images, output_grad))
     columns = patches(images, (kernel_h, kernel_w), strides, padding)
+    # d weights = columns^T @ d output, summed over batch and grid: [k_h * k_w * in, out]. Written as
+    # (d output^T @ columns)^T: XLA's dot wants its left operand's contracted axis innermost, so this way it
+    # transposes d output (out channels wide) instead of the k_h * k_w times wider columns.
     kernel_grad = _matmul(output_grad, columns, (0, 1, 2), (0, 1, 2), precision, kernel.dtype).T
     return images_grad, kernel_grad.reshape(kernel.shape)
 
