@@ -142,6 +142,13 @@ class Config:
         "theta:sigma2/sigma; none for other data); '' for none",
         resume=True,
     )
+    amplitudes: str | None = _option(
+        None,
+        "regression: how CosmoSim's roulette amplitudes are trained: plain (each standardised) or polar (each pair "
+        "alpha[m][s], beta[m][s] as log |(alpha, beta)| and its direction) (default: plain)",
+        ("plain", "polar"),
+        resume=True,
+    )
     lr: float | None = _option(
         None,
         "Adam learning rate, the peak of warmup_cosine (default: 2e-3, or 1e-3 when the targets include CosmoSim's "

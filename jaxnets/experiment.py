@@ -30,7 +30,7 @@ from jaxnets.checkpoint import CHECKPOINT_DIR, Checkpointer
 from jaxnets.config import Config, format_value
 from jaxnets.data import pipeline
 from jaxnets.data.symmetry import TargetSymmetry
-from jaxnets.data.targets import parse_axis_ratios, parse_weights
+from jaxnets.data.targets import Polar, parse_axis_ratios, parse_weights, roulette_pairs
 from jaxnets.models import MLP, Inception3
 from jaxnets.workdir_lock import WorkdirBusy, WorkdirLock
 
@@ -145,6 +145,20 @@ def angle_axes(config: Config, dataset: data_lib.Dataset) -> dict[str, tuple[str
     return _target_option("--angle-axes", config.angle_axes, lens_default, dataset, parse_axis_ratios, "axis_ratios")
 
 
+def polar_amplitudes(config: Config, dataset: data_lib.Dataset) -> tuple[Polar, ...]:
+    """The roulette amplitude pairs trained in polar form: all of them with --amplitudes polar, else none.
+    RunError when polar form is asked for targets without roulette amplitudes."""
+    if config.amplitudes != "polar":
+        return ()
+    pairs = roulette_pairs(dataset.target_names) if dataset.task == "regression" else ()
+    if not pairs:
+        raise RunError(
+            f"--amplitudes polar: the {dataset.task} targets of {dataset.name!r} include no roulette amplitudes "
+            "alpha[m][s] / beta[m][s]"
+        )
+    return pairs
+
+
 def _target_option(
     flag: str,
     declared: tuple[str, ...] | None,
@@ -171,7 +185,7 @@ def _target_option(
 
 
 # The Config fields whose default depends on the data
-DATA_DEFAULTS = ("loss", "dropout", "target_weights", "angle_axes", "lr")
+DATA_DEFAULTS = ("loss", "dropout", "target_weights", "angle_axes", "lr", "amplitudes")
 
 
 def with_data_defaults(config: Config, dataset: data_lib.Dataset, saved: Config | None = None) -> Config:
@@ -191,6 +205,7 @@ def with_data_defaults(config: Config, dataset: data_lib.Dataset, saved: Config 
         dropout=dropout(config, dataset),
         target_weights=tuple(f"{name}:{weight!r}" for name, weight in weights.items()),
         angle_axes=tuple(f"{angle}:{minor}/{major}" for angle, (minor, major) in axes.items()),
+        amplitudes=config.amplitudes or "plain",
     )
 
 
@@ -224,15 +239,17 @@ def _augment_rule(config: Config, dataset: data_lib.Dataset) -> TargetSymmetry |
         raise RunError(f"--augment: {error}") from None
 
 
-def output_names(dataset: data_lib.Dataset) -> tuple[str, ...]:
-    """The network's outputs: the classes, or one per regression target and two (cos, sin) per angle."""
+def output_names(dataset: data_lib.Dataset, config: Config | None = None) -> tuple[str, ...]:
+    """The network's outputs: the classes, or one per regression target, two (cos, sin) per angle, and with
+    --amplitudes polar three per amplitude pair (config None: the defaults)."""
     if dataset.task == "classification":
         return tuple(dataset.target_names)
-    return dataset.target_encoding(standardize=False).encoded_names
+    polar = polar_amplitudes(config, dataset) if config is not None else ()
+    return dataset.target_encoding(standardize=False, polar=polar).encoded_names
 
 
-def num_outputs(dataset: data_lib.Dataset) -> int:
-    return len(output_names(dataset))
+def num_outputs(dataset: data_lib.Dataset, config: Config | None = None) -> int:
+    return len(output_names(dataset, config))
 
 
 def build_model(config: Config, dataset: data_lib.Dataset) -> nnx.Module:
@@ -240,7 +257,7 @@ def build_model(config: Config, dataset: data_lib.Dataset) -> nnx.Module:
     --init-from)."""
     dtype = jnp.bfloat16 if config.precision == "bf16" else jnp.float32
     height, width, channels = dataset.image_shape
-    outputs = num_outputs(dataset)
+    outputs = num_outputs(dataset, config)
     rngs = nnx.Rngs(config.seed)
     if config.model == "mlp":
         return MLP(height * width * channels, config.hidden, outputs, dtype=dtype, rngs=rngs)
@@ -262,7 +279,7 @@ def dropout(config: Config, dataset: data_lib.Dataset) -> float:
 
 def _from_torch(config: Config, dataset: data_lib.Dataset, kwargs: dict, rngs: nnx.Rngs) -> Inception3:
     """--init-from: the whole network from a state_dict of the same shape, or (--fine-tune) its backbone."""
-    channels, outputs = dataset.image_shape[2], num_outputs(dataset)
+    channels, outputs = dataset.image_shape[2], num_outputs(dataset, config)
     try:
         state_dict = convert.load_torch_checkpoint(config.init_from)
         if config.fine_tune:
@@ -279,7 +296,7 @@ def _from_torch(config: Config, dataset: data_lib.Dataset, kwargs: dict, rngs: n
     if model.num_outputs != outputs:
         raise RunError(
             f"--init-from {config.init_from} has {model.num_outputs} outputs; the dataset "
-            f"needs {outputs} ({', '.join(output_names(dataset))}). Add --fine-tune to train a new head"
+            f"needs {outputs} ({', '.join(output_names(dataset, config))}). Add --fine-tune to train a new head"
         )
     return model
 
@@ -552,7 +569,12 @@ def train_and_evaluate(config: Config) -> dict:
         weights, axes = target_weights(config, dataset), angle_axes(config, dataset)
         encoding = None
         if dataset.task == "regression":
-            encoding = dataset.target_encoding(standardize=config.standardize, weights=weights, axis_ratios=axes)
+            encoding = dataset.target_encoding(
+                standardize=config.standardize,
+                weights=weights,
+                axis_ratios=axes,
+                polar=polar_amplitudes(config, dataset),
+            )
 
         if config.init_from and saved is not None:
             # resuming: the checkpoint has the weights

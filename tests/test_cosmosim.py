@@ -456,3 +456,32 @@ def test_train_and_evaluate_each_file_kind_through_the_cli(cosmosim_output, tmp_
                              "--compilation-cache", "")  # fmt: skip
     assert refused.returncode == 2 and "bad.csv line 5: column 'sigma' is not a finite number: 'oops'" in refused.stderr
     assert "Traceback" not in refused.stderr and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_polar_amplitudes_train_turned_and_evaluate_over_eight_views(cosmosim_output, tmp_path, capsys):
+    from conftest import cli_args, run_in_process
+    from jaxnets import experiment
+    from jaxnets.config import Config
+
+    args = cli_args(model="mlp", hidden=(16,), batch_size=16, epochs=1, compilation_cache="")
+    args += ["--data", cosmosim_output / "roulette.csv", "--targets", "sigma,xiX,xiY,alpha[*][*],beta[*][*]"]
+    args += ["--amplitudes", "polar", "--augment", "--workdir", tmp_path / "run", "--data-dir", tmp_path / "tfds"]
+    trained = run_in_process(capsys, "train.py", *args)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    config = Config.load(str(tmp_path / "run"))
+    assert config.amplitudes == "polar"
+    dataset = experiment.load_data(config)
+    pairs = [(a, b) for a, b in experiment.polar_amplitudes(config, dataset)]
+    assert ("alpha[0][1]", "beta[0][1]") in pairs and ("alpha[1][0]", None) in pairs  # nterms 3: beta[1][0] is 0
+    amplitudes = [name for name in dataset.target_names if name.startswith(("alpha", "beta"))]
+    # Three outputs per pair, two per lone amplitude, one per other target.
+    outputs = experiment.output_names(dataset, config)
+    assert len(outputs) == 3 + sum(3 if b else 2 for _, b in pairs) and len(amplitudes) == sum(
+        1 + bool(b) for _, b in pairs
+    )
+    evaluated = run_in_process(capsys, "evaluate.py", "--workdir", tmp_path / "run")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "eval_test.json").read_text())
+    assert report["views"] == 8 and set(amplitudes) <= set(report["parameters"])
+    assert all(np.isfinite(report["parameters"][name]["r2"]) for name in amplitudes)

@@ -173,6 +173,22 @@ def test_rotations_apply_to_cosmosim_targets_with_rules_and_are_refused_elsewher
         experiment._augment_rule(Config(augment=True), cases[3][0])
 
 
+def test_polar_amplitudes_pair_the_roulette_targets_and_are_refused_without_them():
+    def dataset(*targets):
+        return Dataset(name="csv:sie", task="regression", splits={}, image_shape=(8, 8, 1), target_names=targets)
+
+    roulette = dataset("sigma", "alpha[1][0]", "alpha[0][1]", "beta[0][1]")
+    assert experiment.polar_amplitudes(Config(), roulette) == ()
+    assert experiment.with_data_defaults(Config(), roulette).amplitudes == "plain"
+    polar = Config(amplitudes="polar")
+    assert experiment.polar_amplitudes(polar, roulette) == (("alpha[1][0]", None), ("alpha[0][1]", "beta[0][1]"))
+    outputs = experiment.output_names(roulette, polar)  # each column named in test_targets
+    assert len(outputs) == 6 and outputs[1:3] == ("alpha[1][0] log magnitude", "alpha[1][0] sign")
+    assert experiment.output_names(roulette) == roulette.target_names
+    with pytest.raises(experiment.RunError, match="--amplitudes polar: the regression targets of 'csv:sie' include no"):
+        experiment.polar_amplitudes(polar, dataset("sigma", "xiX"))
+
+
 def write_roulette_csv(folder, num_rows=40):
     """A CosmoSim-like roulette CSV (sigma, xiX, xiY, alpha/beta[0][1]) with 16 px square random images."""
     from PIL import Image

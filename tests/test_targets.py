@@ -1,4 +1,5 @@
-"""Target encoding: angles as (cos, sin), standardisation, and back; circular errors in the reports."""
+"""Target encoding: angles as (cos, sin), amplitudes in polar form, standardisation, and back; circular errors in the
+reports."""
 
 import math
 import re
@@ -7,7 +8,15 @@ import numpy as np
 import pytest
 
 from jaxnets import metrics
-from jaxnets.data.targets import COSMOSIM_ANGLES, TargetEncoding, parse_angles, parse_axis_ratios, parse_weights
+from jaxnets.data.symmetry import SYMMETRIES, TargetSymmetry
+from jaxnets.data.targets import (
+    COSMOSIM_ANGLES,
+    TargetEncoding,
+    parse_angles,
+    parse_axis_ratios,
+    parse_weights,
+    roulette_pairs,
+)
 
 
 def test_angles_round_trip_through_cos_and_sin():
@@ -104,6 +113,86 @@ def test_an_ellipses_angle_is_encoded_as_its_ellipticity_times_cos_and_sin():
         TargetEncoding.fit(names, angles, None, standardize=False, axis_ratios={"theta": ("sigma3", "sigma")})
     with pytest.raises(ValueError, match=r"angle axes sigma:sigma2/sigma: sigma must be an angle"):
         TargetEncoding.fit(names, angles, None, standardize=False, axis_ratios={"sigma": ("sigma2", "sigma")})
+
+
+AMPLITUDES = ["sigma", "alpha[1][0]", "alpha[0][1]", "beta[0][1]", "alpha[2][3]", "luminosity", "beta[2][3]"]
+
+
+def test_roulette_amplitudes_pair_up_and_a_lone_one_stands_alone():
+    assert roulette_pairs(AMPLITUDES) == (
+        ("alpha[1][0]", None),
+        ("alpha[0][1]", "beta[0][1]"),
+        ("alpha[2][3]", "beta[2][3]"),
+    )
+    assert roulette_pairs(["beta[4][1]", "x", "alpha[10][11]"]) == (("beta[4][1]", None), ("alpha[10][11]", None))
+    assert roulette_pairs(["x", "theta"]) == ()
+
+
+def test_polar_amplitudes_closed_form_round_trip_and_json():
+    # (alpha, beta) = (3, 4): log 5 and (0.6, 0.8); alpha[1][0] = -2: log 2 and sign -1; a zero row pads a batch.
+    targets = np.array([[1.5, -2.0, 3.0, 4.0, 0.0, 7.0, -1e-6], [0, 0, 0, 0, 0, 0, 0]])
+    encoding = TargetEncoding.fit(AMPLITUDES, {}, None, standardize=False, polar=roulette_pairs(AMPLITUDES))
+    assert encoding.encoded_names == (
+        "sigma",
+        "alpha[1][0] log magnitude",
+        "alpha[1][0] sign",
+        "alpha[0][1], beta[0][1] log magnitude",
+        "alpha[0][1], beta[0][1] cos",
+        "alpha[0][1], beta[0][1] sin",
+        "alpha[2][3], beta[2][3] log magnitude",
+        "alpha[2][3], beta[2][3] cos",
+        "alpha[2][3], beta[2][3] sin",
+        "luminosity",
+    )
+    encoded = encoding.encode(targets)
+    np.testing.assert_allclose(encoded[0], [1.5, math.log(2), -1, math.log(5), 0.6, 0.8, math.log(1e-6), 0, -1, 7])
+    assert np.all(np.isfinite(encoded[1])) and encoded[1, 4] == 0  # the zero row: no direction, a tiny magnitude
+    np.testing.assert_allclose(encoding.decode(encoded), targets, rtol=1e-12, atol=1e-12)
+    # A direction predicted shorter than 1 (an unsure network) shrinks the amplitudes with it.
+    np.testing.assert_allclose(encoding.decode(encoded * [1, 1, 0.5, 1, 0.5, 0.5, 1, 1, 1, 1])[0, 1:4], [-1, 1.5, 2])
+    rng = np.random.default_rng(3)
+    train = rng.normal(size=(500, 7)) * np.exp(rng.normal(0, 3, size=(500, 1)))  # magnitudes over decades
+    standardised = TargetEncoding.fit(
+        AMPLITUDES, {}, train, standardize=True, polar=roulette_pairs(AMPLITUDES), weights={"beta[0][1]": 4}
+    )
+    np.testing.assert_allclose(standardised.encode(train).std(axis=0)[[0, 1, 6]], [1, 1, 1], rtol=1e-4)
+    np.testing.assert_allclose(standardised.decode(standardised.encode(train)), train, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(standardised.column_weights({"beta[0][1]": 4}), [1, 1, 1, 4, 4, 4, 1, 1, 1, 1])
+    restored = TargetEncoding.from_json(standardised.to_json())  # what a checkpoint keeps
+    assert restored.polar == standardised.polar
+    np.testing.assert_allclose(restored.decode(standardised.encode(train)), train, rtol=1e-6, atol=1e-9)
+    assert TargetEncoding.from_json({**encoding.to_json(), "polar": None}).polar == ()  # saved before
+
+
+def test_polar_amplitudes_move_with_the_image_keeping_magnitude_and_sureness():
+    rng = np.random.default_rng(4)
+    targets = rng.normal(size=(20, len(AMPLITUDES)))
+    encoding = TargetEncoding.fit(AMPLITUDES, {}, targets, standardize=True, polar=roulette_pairs(AMPLITUDES))
+    symmetry = TargetSymmetry.for_targets(AMPLITUDES)
+    unsure = encoding.encode(targets) * encoding.std + encoding.mean
+    unsure[:, [2, 4, 5]] *= 0.5  # the lone sign and the first pair's direction at half length
+    unsure = (unsure - encoding.mean) / encoding.std
+    for matrix in SYMMETRIES:
+        moved = encoding.move(encoding.encode(targets), lambda t, m=matrix: symmetry.apply(t, m))
+        np.testing.assert_allclose(encoding.decode(moved), symmetry.apply(targets, matrix), atol=1e-9)
+        raw = encoding.move(unsure, lambda t, m=matrix: symmetry.apply(t, m)) * encoding.std + encoding.mean
+        np.testing.assert_allclose(np.abs(raw[:, 2]), 0.5, rtol=1e-9)
+        np.testing.assert_allclose(np.hypot(raw[:, 4], raw[:, 5]), 0.5, rtol=1e-9)
+        np.testing.assert_allclose(raw[:, [1, 3, 6]], (unsure * encoding.std + encoding.mean)[:, [1, 3, 6]], atol=1e-9)
+
+
+def test_polar_amplitudes_refuse_what_they_cannot_encode():
+    with pytest.raises(
+        ValueError, match=r"polar amplitudes \[\('a', 'c'\)\]: each must be a target among \['a', 'b'\]"
+    ):
+        TargetEncoding.fit(["a", "b"], {}, None, standardize=False, polar=[("a", "c")])
+    with pytest.raises(ValueError, match="not an angle"):
+        TargetEncoding.fit(["a", "b"], {"b": 180.0}, None, standardize=False, polar=[("a", "b")])
+    with pytest.raises(ValueError, match="in one pair only"):
+        TargetEncoding.fit(["a", "b"], {}, None, standardize=False, polar=[("a", "b"), ("b", None)])
+    encoding = TargetEncoding.fit(["a", "b"], {}, None, standardize=False, polar=[("a", "b")])
+    with pytest.raises(ValueError, match=r"\['a', 'b'\] are trained together: give them one weight"):
+        encoding.column_weights({"a": 2, "b": 3})
 
 
 def test_circular_report_closed_forms():

@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 
 from jaxnets.config import LENS_IMAGE_SIZE, Config
 from jaxnets.data import cosmosim, lens
-from jaxnets.data.targets import COSMOSIM_ANGLES, TargetEncoding, parse_angles
+from jaxnets.data.targets import COSMOSIM_ANGLES, Polar, TargetEncoding, parse_angles
 
 DEFAULTS = Config()  # the one source of defaults, shared with train.py's command line
 TASKS = ("regression", "classification")
@@ -154,16 +154,23 @@ class Dataset:
         standardize: bool = True,
         weights: Mapping[str, float] | None = None,
         axis_ratios: Mapping[str, tuple[str, str]] | None = None,
+        polar: Sequence[Polar] = (),
     ) -> TargetEncoding:
         """How the targets are trained: angles (self.angles, name -> period) as cos/sin pairs (times their
-        ellipse's ellipticity for those in axis_ratios), every column standardised with the train split's
-        statistics when standardize is True, and weighted targets' columns scaled by sqrt(weight)
-        (TargetEncoding.fit)."""
+        ellipse's ellipticity for those in axis_ratios), the amplitude pairs in polar in polar form, every column
+        standardised with the train split's statistics when standardize is True, and weighted targets' columns
+        scaled by sqrt(weight) (TargetEncoding.fit)."""
         if self.task != "regression":
             raise ValueError(f"target_encoding() is for regression; {self.name} is a {self.task} dataset")
         train = self._train_targets("target_encoding()") if standardize else None
         return TargetEncoding.fit(
-            self.target_names, self.angles, train, standardize=standardize, weights=weights, axis_ratios=axis_ratios
+            self.target_names,
+            self.angles,
+            train,
+            standardize=standardize,
+            weights=weights,
+            axis_ratios=axis_ratios,
+            polar=polar,
         )
 
     def target_stats(self) -> tuple[np.ndarray, np.ndarray]:
