@@ -161,8 +161,38 @@ def patches(images: jax.Array, kernel_size: tuple[int, int], strides: tuple[int,
     return columns
 
 
+# Without a gradient, the columns are built for a slice of the batch at a time, none larger than this: the whole
+# batch's (e.g. 1.6 GB for each of the stem's 147x147 layers at batch 64, 3x299 px) were most of the no-gradient
+# forward's memory. Figures: README, Benchmarks.
+CHUNK_BYTES = 128 * 2**20
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv_dot(images: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, precision) -> jax.Array:
+    """im2col + matrix products over slices of the batch (see CHUNK_BYTES); differentiated, the whole batch's at
+    once (_conv_dot_forward), as the backward's products need."""
+    batch = images.shape[0]
+    chunk = _chunk(images.shape, kernel.shape, strides, padding, jnp.dtype(images.dtype).itemsize)
+    if chunk == batch:
+        return _conv_dot_batch(images, kernel, strides, padding, precision)
+    slices = images.reshape(batch // chunk, chunk, *images.shape[1:])
+    outputs = lax.map(lambda part: _conv_dot_batch(part, kernel, strides, padding, precision), slices)
+    return outputs.reshape(batch, *outputs.shape[2:])
+
+
+def _chunk(image_shape, kernel_shape, strides: tuple[int, int], padding: Padding, itemsize: int) -> int:
+    """The largest number of images that divides the batch and whose columns fit in CHUNK_BYTES (at least 1)."""
+    batch, height, width, in_channels = image_shape
+    kernel_h, kernel_w = kernel_shape[:2]
+    if _pointwise((kernel_h, kernel_w), strides, padding):
+        return batch  # no columns to build
+    out_h = (height + sum(padding[0]) - kernel_h) // strides[0] + 1
+    out_w = (width + sum(padding[1]) - kernel_w) // strides[1] + 1
+    per_image = out_h * out_w * kernel_h * kernel_w * in_channels * itemsize
+    return max([size for size in range(1, batch + 1) if batch % size == 0 and size * per_image <= CHUNK_BYTES] or [1])
+
+
+def _conv_dot_batch(images: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, precision):
     """im2col + one matrix product: [batch * out_h * out_w, k_h * k_w * in] @ [k_h * k_w * in, out]."""
     kernel_h, kernel_w, in_channels, out_channels = kernel.shape
     columns = patches(images, (kernel_h, kernel_w), strides, padding)
@@ -171,7 +201,7 @@ def _conv_dot(images: jax.Array, kernel: jax.Array, strides: tuple[int, int], pa
 
 
 def _conv_dot_forward(images, kernel, strides, padding, precision):
-    return _conv_dot(images, kernel, strides, padding, precision), (images, kernel)
+    return _conv_dot_batch(images, kernel, strides, padding, precision), (images, kernel)
 
 
 def _conv_dot_backward(strides, padding, precision, residuals, output_grad):

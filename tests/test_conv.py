@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from jaxnets import conv
 from jaxnets.conv import COMPILER_OPTIONS, conv2d, patches
 
 # (images shape, kernel shape HWIO, strides, padding): the classes Inception3 uses, on small grids.
@@ -188,3 +189,33 @@ def test_backward_builds_the_columns_again_instead_of_keeping_the_forwards():
     # bfloat16 keeps the forward's columns (half the memory; building them again cost more of its faster step).
     bfloat16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), (kernels, images))
     assert "optimization_barrier" not in jax.jit(jax.grad(loss)).lower(*bfloat16).as_text()
+
+
+def test_without_a_gradient_the_columns_are_built_a_slice_of_the_batch_at_a_time(monkeypatch):
+    """The no-gradient forward (evaluation) builds the columns for as many images as fit in CHUNK_BYTES at a time:
+    the same outputs, a fraction of the memory. Differentiated, the whole batch's at once, as before."""
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.standard_normal((12, 20, 20, 8)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 8, 16)) / 8, jnp.float32)
+    per_image = 18 * 18 * 72 * 4  # the columns of one image
+    assert conv._chunk(images.shape, kernel.shape, (1, 1), ((0, 0), (0, 0)), 4) == 12  # 1.1 MB: all at once
+    monkeypatch.setattr(conv, "CHUNK_BYTES", 5 * per_image)
+    assert conv._chunk(images.shape, kernel.shape, (1, 1), ((0, 0), (0, 0)), 4) == 4  # 4 divides 12, 5 and 6 do not fit
+    assert conv._chunk(images.shape, (1, 1, 8, 16), (1, 1), ((0, 0), (0, 0)), 4) == 12  # 1x1: no columns
+    monkeypatch.setattr(conv, "CHUNK_BYTES", per_image // 2)
+    assert conv._chunk(images.shape, kernel.shape, (1, 1), ((0, 0), (0, 0)), 4) == 1  # never fewer than one image
+
+    def forward(images, kernel):
+        return conv2d(images, kernel, implementation="dot")
+
+    monkeypatch.setattr(conv, "CHUNK_BYTES", 12 * per_image)
+    whole = jax.jit(lambda *args: forward(*args)).lower(images, kernel).compile()
+    monkeypatch.setattr(conv, "CHUNK_BYTES", 5 * per_image)
+    sliced = jax.jit(lambda *args: forward(*args)).lower(images, kernel).compile()
+    assert "while" in sliced.as_text() and "while" not in whole.as_text()
+    assert sliced.memory_analysis().temp_size_in_bytes < whole.memory_analysis().temp_size_in_bytes / 2
+    np.testing.assert_allclose(np.asarray(sliced(images, kernel)), np.asarray(whole(images, kernel)), rtol=1e-6)
+    reference = lax.conv_general_dilated(images, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(np.asarray(sliced(images, kernel)), np.asarray(reference), rtol=1e-4, atol=1e-4)
+    gradient = jax.jit(jax.grad(lambda k: jnp.sum(forward(images, k) ** 2))).lower(kernel).as_text()
+    assert "while" not in gradient  # the train step's program is the whole batch's
