@@ -443,6 +443,9 @@ def main() -> None:
     args.steps = args.steps or (20 if args.device else 3)
     if len(set(args.sides.split(","))) != len(args.sides.split(",")):
         parser.error(f"--sides names a side twice ({args.sides}); more --rounds time it more often")
+    unknown = [case for case in args.cases.split(",") if case not in CASES] if not args.device else []
+    if unknown:
+        parser.error(f"--cases {','.join(unknown)}: the CPU cases are {', '.join(CASES)}")
 
     import jax
 
