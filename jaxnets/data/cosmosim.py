@@ -61,7 +61,7 @@ PARAMETER_COLUMNS = (
 CLUSTER_PARAMETERS = ("einsteinradius", "ellipseratio", "orientation")
 CLUSTER_COLUMN = re.compile(r"(einsteinradius|ellipseratio|orientation)\[(\d+)\]")
 # The roulette amplitudes alpha[m][s], beta[m][s] of the roulette file.
-ROULETTE_AMPLITUDE = re.compile(r"(alpha|beta)\[\d+\]\[\d+\]")
+ROULETTE_AMPLITUDE = re.compile(r"(alpha|beta)\[(\d+)\]\[(\d+)\]")  # groups: alpha or beta, m, s
 # Names of the same parameter in different CosmoSim versions.
 ALIASES = ({"einsteinR", "einsteinradius"}, {"ratio", "ellipseratio"})
 MAX_REPORTED_PROBLEMS = 20

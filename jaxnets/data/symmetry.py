@@ -15,12 +15,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from jaxnets.data.cosmosim import cluster_parameter
+from jaxnets.data.cosmosim import ROULETTE_AMPLITUDE, cluster_parameter
 from jaxnets.data.targets import TargetEncoding
 
 # The 8 symmetries as integer 2x2 matrices acting on (x, y): rotations by k quarter turns, each also after the
@@ -37,7 +36,6 @@ SYMMETRIES: tuple[np.ndarray, ...] = tuple(
 INVARIANTS = frozenset({"sigma", "sigma2", "luminosity", "n_sersic", "einsteinradius", "ellipseratio", "R"})
 POSITIONS = (("xiX", "xiY"), ("x", "y"), ("lensX", "lensY"), ("centreX", "centreY"))
 ANGLES_IN_DEGREES = {"theta": 180.0, "orientation": 180.0, "phi": 360.0}  # name -> period (axis or direction)
-_AMPLITUDE = re.compile(r"(alpha|beta)\[(\d+)\]\[(\d+)\]")
 
 
 def transform_images(images: np.ndarray, matrix: np.ndarray) -> np.ndarray:
@@ -83,7 +81,7 @@ class TargetSymmetry:
         present = set(names)
         unknown = []
         for name in names:
-            amplitude = _AMPLITUDE.fullmatch(name)
+            amplitude = ROULETTE_AMPLITUDE.fullmatch(name)
             parameter = cluster_parameter(name)
             if parameter in INVARIANTS:
                 continue
@@ -133,7 +131,7 @@ class TargetSymmetry:
             angle = targets[..., column[name]]
             out[..., column[name]] = np.mod((-angle if mirrored else angle) + math.degrees(turn), period)
         for name in self.names:
-            amplitude = _AMPLITUDE.fullmatch(name)
+            amplitude = ROULETTE_AMPLITUDE.fullmatch(name)
             if amplitude is None or amplitude.group(1) != "alpha":
                 continue
             harmonic = int(amplitude.group(3))

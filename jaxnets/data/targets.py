@@ -17,15 +17,16 @@ Every encoded column is then standardised with the training split's mean and sta
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from jaxnets.data.cosmosim import ROULETTE_AMPLITUDE
+
 # CosmoSim writes these in degrees: theta and orientation are axes (period 180), phi a direction (period 360).
 COSMOSIM_ANGLES = ("theta:180", "orientation:180", "phi:360")
-_ROULETTE_AMPLITUDE = re.compile(r"(alpha|beta)(\[\d+\]\[\d+\])")
 _SMALLEST_MAGNITUDE = 1e-30  # the logarithm of 0 (e.g. in the zero rows that pad a batch) is taken as this one's
 
 Polar = tuple[str, str | None]  # (a, b) trained as log |(a, b)| and its direction; (a, None): log |a| and its sign
@@ -34,11 +35,11 @@ Polar = tuple[str, str | None]  # (a, b) trained as log |(a, b)| and its directi
 def roulette_pairs(names: Sequence[str]) -> tuple[Polar, ...]:
     """CosmoSim's roulette amplitudes among names as polar pairs: (alpha[m][s], beta[m][s]) where both are
     targets, (alpha[m][s], None) or (beta[m][s], None) where only one is (beta[m][0], always 0, is often left out)."""
-    found: dict[str, dict[str, str]] = {}
+    found: dict[tuple[str, str], dict[str, str]] = {}
     for name in names:
-        match = _ROULETTE_AMPLITUDE.fullmatch(name)
+        match = ROULETTE_AMPLITUDE.fullmatch(name)
         if match:
-            found.setdefault(match[2], {})[match[1]] = name
+            found.setdefault((match[2], match[3]), {})[match[1]] = name
     return tuple(
         (kinds["alpha"], kinds.get("beta")) if "alpha" in kinds else (kinds["beta"], None) for kinds in found.values()
     )
@@ -157,9 +158,10 @@ class TargetEncoding:
     def angles(self) -> dict[str, float]:
         return {name: period for name, period in zip(self.names, self.periods, strict=True) if period is not None}
 
+    @functools.cached_property
     def _groups(self) -> list[tuple[str, tuple[int, ...], tuple[str, ...]]]:
         """(kind, target indices, column names) in column order: "plain" and "angle" per target, "polar" per pair at
-        the place of its first target."""
+        the place of its first target. Worked out once per encoding (encode runs on every batch)."""
         index = {name: i for i, name in enumerate(self.names)}
         polar_of = {name: pair for pair in self.polar for name in pair if name is not None}
         groups = []
@@ -191,7 +193,7 @@ class TargetEncoding:
     @property
     def encoded_names(self) -> tuple[str, ...]:
         """The output columns: "x", "theta cos", "theta sin", ..."""
-        return tuple(column for _, _, columns in self._groups() for column in columns)
+        return tuple(column for _, _, columns in self._groups for column in columns)
 
     def column_weights(self, weights: Mapping[str, float]) -> np.ndarray:
         """Per-target weights ({name: weight}, 1 for the rest) as float32 [W]: an angle's weight on both its
@@ -201,7 +203,7 @@ class TargetEncoding:
         if unknown:
             raise ValueError(f"weights for {unknown}, which are not among the targets {list(self.names)}")
         columns = []
-        for _, indices, names in self._groups():
+        for _, indices, names in self._groups:
             given = {weights[self.names[i]] for i in indices if self.names[i] in weights}
             if len(given) > 1:
                 raise ValueError(f"{[self.names[i] for i in indices]} are trained together: give them one weight")
@@ -213,7 +215,7 @@ class TargetEncoding:
         targets = np.asarray(targets)
         dtype = np.float64 if targets.dtype == np.float64 else np.float32
         columns = []
-        for kind, indices, _ in self._groups():
+        for kind, indices, _ in self._groups:
             values = [targets[..., i].astype(dtype) for i in indices]
             if kind == "plain":
                 columns += values
@@ -247,7 +249,7 @@ class TargetEncoding:
             encoded = encoded * self.std + self.mean
         values = [None] * len(self.names)
         column = 0
-        for kind, indices, names in self._groups():
+        for kind, indices, names in self._groups:
             if kind == "plain":
                 values[indices[0]] = encoded[..., column]
             elif kind == "angle":
@@ -271,7 +273,7 @@ class TargetEncoding:
         unscaled = dataclasses.replace(self, mean=None, std=None, axis_ratios=())  # angles as unit (cos, sin)
         result = unscaled.encode(move(self.decode(encoded)))
         column = 0
-        for kind, _, names in self._groups():
+        for kind, _, names in self._groups:
             if kind != "plain":
                 direction = slice(column + 1, column + len(names)) if kind == "polar" else slice(column, column + 2)
                 length = np.sqrt(np.sum(raw[..., direction] ** 2, axis=-1))
