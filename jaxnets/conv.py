@@ -125,6 +125,11 @@ def _pointwise(kernel_size: tuple[int, int], strides: tuple[int, int], padding: 
     return tuple(kernel_size) == (1, 1) and strides == (1, 1) and padding == ((0, 0), (0, 0))
 
 
+def _output_size(size: int, kernel: int, stride: int, padding: tuple[int, int]) -> int:
+    """How many kernel positions one axis of the padded images holds."""
+    return (size + sum(padding) - kernel) // stride + 1
+
+
 def patches(images: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int], padding: Padding) -> jax.Array:
     """im2col: every kernel window of the zero-padded images as one row.
 
@@ -141,10 +146,10 @@ def patches(images: jax.Array, kernel_size: tuple[int, int], strides: tuple[int,
     as_words = jnp.dtype(dtype).itemsize == 2 and channels % 2 == 0
     if as_words:
         images = lax.bitcast_convert_type(images.reshape(*images.shape[:3], channels // 2, 2), jnp.uint32)
+    out_h = _output_size(images.shape[1], kernel_h, strides[0], padding[0])
+    out_w = _output_size(images.shape[2], kernel_w, strides[1], padding[1])
     images = jnp.pad(images, ((0, 0), padding[0], padding[1], (0, 0)))
-    batch, height, width, words = images.shape
-    out_h = (height - kernel_h) // strides[0] + 1
-    out_w = (width - kernel_w) // strides[1] + 1
+    batch, _, _, words = images.shape
     windows = [
         lax.slice(
             images,
@@ -186,8 +191,8 @@ def _chunk(image_shape, kernel_shape, strides: tuple[int, int], padding: Padding
     kernel_h, kernel_w = kernel_shape[:2]
     if _pointwise((kernel_h, kernel_w), strides, padding):
         return batch  # no columns to build
-    out_h = (height + sum(padding[0]) - kernel_h) // strides[0] + 1
-    out_w = (width + sum(padding[1]) - kernel_w) // strides[1] + 1
+    out_h = _output_size(height, kernel_h, strides[0], padding[0])
+    out_w = _output_size(width, kernel_w, strides[1], padding[1])
     per_image = out_h * out_w * kernel_h * kernel_w * in_channels * itemsize
     return max([size for size in range(1, batch + 1) if batch % size == 0 and size * per_image <= CHUNK_BYTES] or [1])
 
