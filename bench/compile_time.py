@@ -31,6 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
+from remat import time_alternately  # noqa: E402  (bench/, the script's folder)
 
 from jaxnets import conv, host_memory, losses, training  # noqa: E402
 from jaxnets.models import Inception3  # noqa: E402
@@ -121,17 +122,9 @@ def main() -> None:
         "anatomy_of_first": anatomy(first_log),
     }
     if len(compiled) > 1:
-        states = {name: state for name in compiled}
-        times = {name: [] for name in compiled}
         for name in compiled:  # warm-up
             jax.block_until_ready(compiled[name](state, batch))
-        for _ in range(args.rounds):
-            for name in order:
-                started = time.perf_counter()
-                for _ in range(args.steps):
-                    states[name], metrics = compiled[name](states[name], batch)
-                jax.block_until_ready(metrics)
-                times[name].append((time.perf_counter() - started) / args.steps)
+        times = time_alternately(compiled, {name: state for name in compiled}, batch, args.rounds, args.steps)
         result["step_s_median"] = {name: round(statistics.median(values), 4) for name, values in times.items()}
         result["step_time_ratio"] = round(result["step_s_median"]["option"] / result["step_s_median"]["default"], 3)
     print(json.dumps(result, indent=1))

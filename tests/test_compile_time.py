@@ -3,10 +3,12 @@
 
 import importlib.util
 import os
+import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))  # as when the script runs: its folder first
 spec = importlib.util.spec_from_file_location("compile_time", os.path.join(ROOT, "bench", "compile_time.py"))
 compile_time = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(compile_time)
