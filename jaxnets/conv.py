@@ -220,11 +220,11 @@ def _conv_dot_backward(strides, padding, precision, residuals, output_grad):
     )
     images_grad = col2im(columns_grad)[0].astype(images.dtype)
 
-    # In float32 the columns are built again from the saved images, behind a barrier that XLA does not see through
-    # (with COMPILER_OPTIONS), so it cannot reuse the forward's: kept from the forward to the backward, the columns of
-    # every layer (k_h * k_w times its input) were most of the train step's memory. bfloat16 columns take half the
-    # memory and building them again cost the faster bfloat16 step 2-6 % (README, Benchmarks), so they are kept.
-    if not _pointwise((kernel_h, kernel_w), strides, padding) and jnp.dtype(images.dtype).itemsize >= 4:
+    # The columns are built again from the saved images, behind a barrier that XLA does not see through (with
+    # COMPILER_OPTIONS), so it cannot reuse the forward's: kept from the forward to the backward, the columns of every
+    # layer (k_h * k_w times its input) were most of the train step's memory, and building them costs less than
+    # keeping them (README, Benchmarks).
+    if not _pointwise((kernel_h, kernel_w), strides, padding):
         images, output_grad = lax.optimization_barrier((images, output_grad))
     columns = patches(images, (kernel_h, kernel_w), strides, padding)
     # d weights = columns^T @ d output, summed over batch and grid: [k_h * k_w * in, out]. Written as

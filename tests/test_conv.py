@@ -200,9 +200,9 @@ def test_backward_builds_the_columns_again_instead_of_keeping_the_forwards():
     assert temp["rebuilt"] < temp["merged"]
     for merged, rebuilt in zip(compiled["merged"](kernels, images), compiled["rebuilt"](kernels, images), strict=True):
         np.testing.assert_allclose(np.asarray(rebuilt), np.asarray(merged), rtol=1e-6)
-    # bfloat16 keeps the forward's columns (half the memory; building them again cost more of its faster step).
+    # bfloat16 builds them again too.
     bfloat16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), (kernels, images))
-    assert "optimization_barrier" not in jax.jit(jax.grad(loss)).lower(*bfloat16).as_text()
+    assert "optimization_barrier" in jax.jit(jax.grad(loss)).lower(*bfloat16).as_text()
 
 
 def test_without_a_gradient_the_columns_are_built_a_slice_of_the_batch_at_a_time(monkeypatch):
