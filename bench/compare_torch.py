@@ -309,13 +309,19 @@ def kernel_kind(name: str) -> str:
     return "other (adds, memsets)"
 
 
+def xplane_file(trace: str) -> str:
+    """The .xplane.pb of a jax.profiler trace: the file itself, or the one file in the folder given."""
+    if os.path.isdir(trace):
+        (trace,) = glob.glob(os.path.join(trace, "**", "*.xplane.pb"), recursive=True)
+    return trace
+
+
 def summarise_profile(trace: str, steps: int = PROFILE_STEPS) -> dict:
     """Device kernel time per step from a jax.profiler trace of `steps` steps (a folder holding one .xplane.pb,
     or the file): by kind of kernel, and the largest kernels."""
     from jax._src.profiler import ProfileData
 
-    if os.path.isdir(trace):
-        (trace,) = glob.glob(os.path.join(trace, "**", "*.xplane.pb"), recursive=True)
+    trace = xplane_file(trace)
     kinds, kernels, counts = collections.Counter(), collections.Counter(), collections.Counter()
     for plane in ProfileData.from_file(trace).planes:
         if plane.name.startswith("/device:"):

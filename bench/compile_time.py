@@ -28,10 +28,9 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
-from remat import time_alternately  # noqa: E402  (bench/, the script's folder)
+from remat import random_batch, time_alternately  # noqa: E402  (bench/, the script's folder)
 
 from jaxnets import conv, host_memory, losses, training  # noqa: E402
 from jaxnets.models import Inception3  # noqa: E402
@@ -80,12 +79,7 @@ def main() -> None:
 
     dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
     state = training.TrainState.create(Inception3(6, in_channels=1, dtype=dtype, rngs=nnx.Rngs(0)), optax.adam(1e-3))
-    rng = np.random.default_rng(0)
-    batch = {
-        "image": jnp.asarray(rng.random((args.batch, args.size, args.size, 1), np.float32)),
-        "target": jnp.asarray(rng.normal(size=(args.batch, 6)).astype(np.float32)),
-        "mask": jnp.ones(args.batch, jnp.float32),
-    }
+    batch = random_batch(args.batch, args.size)
     step = training.make_train_step(losses.mse, donate=False)
     with host_memory.collector_paused():  # as train.py traces its step
         lowered = step.lower(state, batch)

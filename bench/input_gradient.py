@@ -18,10 +18,9 @@ import statistics
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
-from remat import time_alternately  # bench/, the script's folder
+from remat import random_batch, time_alternately  # bench/, the script's folder
 
 from jaxnets import conv, host_memory, losses, training
 from jaxnets.models import Inception3
@@ -79,12 +78,7 @@ def main() -> None:
 
     dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
     model = Inception3(6, in_channels=1, aux_logits=False, dtype=dtype, rngs=nnx.Rngs(0))
-    rng = np.random.default_rng(0)
-    batch = {
-        "image": jnp.asarray(rng.random((args.batch, args.size, args.size, 1), np.float32)),
-        "target": jnp.asarray(rng.normal(size=(args.batch, 6)).astype(np.float32)),
-        "mask": jnp.ones(args.batch, jnp.float32),
-    }
+    batch = random_batch(args.batch, args.size)
     base = training.TrainState.create(model, optax.adam(1e-3))
     states, compiled = {}, {}
     result = {"precision": args.precision, "batch": args.batch, "size": args.size, "cpu": cpu_name()}

@@ -15,16 +15,16 @@ if __name__ == "__main__":  # XLA reads its flags when it starts: before jax is 
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
-import glob  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from compare_torch import xplane_file  # noqa: E402  (bench/, the script's folder)
 from flax import nnx  # noqa: E402
+from remat import random_batch  # noqa: E402
 
 from jaxnets import host_memory, losses, training  # noqa: E402
 from jaxnets.models import Inception3  # noqa: E402
@@ -119,9 +119,8 @@ def op_times(trace: str, sources: dict, steps: int) -> tuple[collections.Counter
     """Milliseconds per step and kernels per step, by category, from a trace folder of `steps` steps."""
     from jax._src.profiler import ProfileData
 
-    (path,) = glob.glob(os.path.join(trace, "**", "*.xplane.pb"), recursive=True)
     milliseconds, counts = collections.Counter(), collections.Counter()
-    for plane in ProfileData.from_file(path).planes:
+    for plane in ProfileData.from_file(xplane_file(trace)).planes:
         if plane.name != "/host:CPU":
             continue
         for line in plane.lines:
@@ -148,12 +147,7 @@ def main() -> None:
     dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
     model = Inception3(6, in_channels=args.channels, dtype=dtype, rngs=nnx.Rngs(0))
     state = training.TrainState.create(model, optax.adam(1e-3))
-    rng = np.random.default_rng(0)
-    batch = {
-        "image": jnp.asarray(rng.random((args.batch, args.size, args.size, args.channels), np.float32)),
-        "target": jnp.asarray(rng.normal(size=(args.batch, 6)).astype(np.float32)),
-        "mask": jnp.ones(args.batch, jnp.float32),
-    }
+    batch = random_batch(args.batch, args.size, args.channels)
     with host_memory.collector_paused():  # as train.py traces its step
         step = training.make_train_step(losses.mse).lower(state, batch).compile()
     host_memory.release_freed_memory()

@@ -26,6 +26,17 @@ from jaxnets.models import Inception3, layers
 CONV_OUTPUT = "conv_output"
 
 
+def random_batch(batch: int, size: int, channels: int = 1, outputs: int = 6) -> dict:
+    """A batch of the train step's shape, the same draws every time: uniform images, normal targets, every row
+    counted."""
+    rng = np.random.default_rng(0)
+    return {
+        "image": jnp.asarray(rng.random((batch, size, size, channels), np.float32)),
+        "target": jnp.asarray(rng.normal(size=(batch, outputs)).astype(np.float32)),
+        "mask": jnp.ones(batch, jnp.float32),
+    }
+
+
 def time_alternately(compiled: dict, states: dict, batch: dict, rounds: int, steps: int) -> dict[str, list[float]]:
     """Seconds per step of each compiled train step, {name: one figure per round}: each round runs `steps` steps of
     every variant in turn (the machine's noise falls on all of them), each from and into states[name]."""
@@ -55,12 +66,7 @@ def main() -> None:
 
     dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
     model = Inception3(6, in_channels=1, aux_logits=False, dtype=dtype, rngs=nnx.Rngs(0))
-    rng = np.random.default_rng(0)
-    batch = {
-        "image": jnp.asarray(rng.random((args.batch, args.size, args.size, 1), np.float32)),
-        "target": jnp.asarray(rng.normal(size=(args.batch, 6)).astype(np.float32)),
-        "mask": jnp.ones(args.batch, jnp.float32),
-    }
+    batch = random_batch(args.batch, args.size)
     variants = {
         "as is": None,
         "save convolution outputs": jax.checkpoint_policies.save_only_these_names(CONV_OUTPUT),

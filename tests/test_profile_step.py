@@ -20,7 +20,7 @@ spec.loader.exec_module(profile_step)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU's im2col kernels")
-def test_kernels_are_attributed_to_the_convolution_batchnorm_and_adam():
+def test_kernels_are_attributed_to_the_convolution_and_adam():
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.standard_normal((4, 12, 12, 8)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((3, 3, 8, 8)) / 8, jnp.float32)
