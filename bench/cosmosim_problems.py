@@ -22,6 +22,8 @@ parameters (they stay in the uniform mean, as in theirs).
     python bench/cosmosim_problems.py --image-size 256 --num-train 10000 --num-validation 1000 \\
         --num-test 4000 --epochs 30                                                                  # GPU
 
+(`bench/gpu_sie.sh BUDGET_SECONDS` runs sie's GPU setting within a time budget: as many epochs as fit.)
+
 On CPU each problem trains at 128 px on 3,000 images for 10 epochs, sie on 6,000 for 5 with --augment (each
 image turned or mirrored at random): the setting that measured best within 20 minutes (README, "Where it
 stands"). Extra train.py options go after `--`: `... -- --precision bf16`, `-- --no-augment`.
