@@ -22,7 +22,9 @@ parameters (they stay in the uniform mean, as in theirs).
     python bench/cosmosim_problems.py --image-size 256 --num-train 10000 --num-validation 1000 \\
         --num-test 4000 --epochs 30                                                                  # GPU
 
-(`bench/gpu_sie.sh BUDGET_SECONDS` runs sie's GPU setting within a time budget: as many epochs as fit.)
+On a GPU lent for minutes, `--time-budget SECONDS` fits each problem into that time: a calibration run of one epoch
+first (simulation, conversion and compile included), then as many epochs as fit what is left, less RESERVE_SECONDS
+for the run's start and the four evaluations (at most --epochs, else 40).
 
 On CPU each problem trains at 128 px on 3,000 images for 10 epochs, sie on 6,000 for 5 with --augment (each
 image turned or mirrored at random): the setting that measured best within 20 minutes (README, "Where it
@@ -39,6 +41,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AMPLITUDES = "alpha[*][*],beta[*][*]"
+# --time-budget: what the run after the calibration needs besides its epochs. Measured on one H200 at 256 px
+# (sie, 2026-12-04): 37 s of start and compile from the cache, then the four evaluations 114 s.
+RESERVE_SECONDS = 180
+MOST_EPOCHS = 40  # --time-budget without --epochs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +163,33 @@ def train_options(problem: Problem, workdir: str, args: argparse.Namespace, extr
     return [*options, *problem.options, *extra]
 
 
+def epochs_within(seconds_left: float, epoch_seconds: float, most: int) -> int:
+    """How many epochs of `epoch_seconds` fit `seconds_left` after RESERVE_SECONDS: at least 1, at most `most`."""
+    return max(1, min(most, int((seconds_left - RESERVE_SECONDS) // epoch_seconds)))
+
+
+def last_epoch_seconds(workdir: str) -> float:
+    """The last epoch's seconds (training and validation) in a run's metrics.jsonl."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()][-1]["seconds"]
+
+
+def calibrated_epochs(problem: Problem, workdir: str, args: argparse.Namespace, extra: list[str]) -> tuple[int, float]:
+    """--time-budget: trains one epoch in `workdir`-calibration (which also simulates and converts the images and
+    fills the compilation cache that the run then reads); returns how many epochs fit what is left, and the
+    calibration's seconds."""
+    calibration = f"{workdir}-calibration"
+    seconds = run("train.py", *train_options(problem, calibration, with_epochs(args, 1), extra))
+    epoch_seconds = last_epoch_seconds(calibration)
+    epochs = epochs_within(args.time_budget - seconds, epoch_seconds, args.epochs or MOST_EPOCHS)
+    print(f"calibration: {seconds:.0f} s, an epoch {epoch_seconds:.1f} s: {epochs} epochs fit", flush=True)
+    return epochs, seconds
+
+
+def with_epochs(args: argparse.Namespace, epochs: int) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "epochs": epochs})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", default=",".join(PROBLEMS), help=f"comma-separated, of {', '.join(PROBLEMS)}")
@@ -176,6 +209,12 @@ def main() -> None:
         help="also train on what the simulation records (the problem's auxiliary targets, sie's only), scored "
         "apart, with the problem's target weights for them (sie: sigma:2) unless --target-weights is given after --",
     )
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        help="seconds for each problem: a one-epoch calibration run, then as many epochs as fit (at most --epochs, "
+        f"else {MOST_EPOCHS}), less {RESERVE_SECONDS} s for the run's start and the evaluations",
+    )
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
 
@@ -183,8 +222,13 @@ def main() -> None:
     for name in args.problems.split(","):
         problem = PROBLEMS[name]
         workdir = os.path.join(args.runs, name)
-        options = train_options(problem, workdir, args, extra)
-        seconds = {"train": run("train.py", *options)}
+        seconds = {}
+        if args.time_budget:
+            epochs, seconds["calibration"] = calibrated_epochs(problem, workdir, args, extra)
+            options = train_options(problem, workdir, with_epochs(args, epochs), extra)
+        else:
+            options = train_options(problem, workdir, args, extra)
+        seconds["train"] = run("train.py", *options)
         reports, one_view = {}, {}
         for split in ("validation", "test"):
             # One view first, then evaluate.py's default (the 8 rotations and mirrors averaged for these targets),

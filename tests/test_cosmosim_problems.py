@@ -2,6 +2,7 @@
 
 import argparse
 import importlib.util
+import json
 import os
 
 import pytest
@@ -76,3 +77,44 @@ def test_each_problem_trains_with_its_cpu_setting_unless_the_sizes_are_given():
     )
     assert as_dict(given)["--num-train"] == "30" and as_dict(given)["--epochs"] == "2"  # the user's sizes
     assert given[-2:] == ["--augment", "--no-augment"]  # the user's options after the problem's: theirs win
+
+
+def test_a_time_budget_leaves_the_reserve_and_fits_whole_epochs():
+    reserve = cosmosim_problems.RESERVE_SECONDS
+    assert cosmosim_problems.epochs_within(reserve + 100, 16.0, 40) == 6  # 100 s hold six 16 s epochs
+    assert cosmosim_problems.epochs_within(reserve + 10_000, 16.0, 40) == 40  # no more than asked
+    assert cosmosim_problems.epochs_within(reserve - 50, 16.0, 40) == 1  # at least one
+
+
+def test_a_time_budget_calibrates_on_one_epoch_then_trains_what_fits(tmp_path, monkeypatch, capsys):
+    # train.py and evaluate.py stand-ins: each run takes `seconds`, writes what the real one writes.
+    calls, seconds = [], {"train.py": 60.0, "evaluate.py": 5.0}
+
+    def run(script, *options):
+        listed = as_dict(list(options))
+        calls.append((script, listed))
+        workdir = listed["--workdir"]
+        os.makedirs(workdir, exist_ok=True)
+        if script == "train.py":
+            with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+                f.write('{"epoch": 1, "seconds": 20.0}\n')
+        else:
+            with open(os.path.join(workdir, f"eval_{listed['--split']}.json"), "w") as f:
+                json.dump(report({"sigma": 0.5, "xiX": 0.5, "alpha[1][0]": 0.4}), f)
+        return seconds[script]
+
+    monkeypatch.setattr(cosmosim_problems, "run", run)
+    budget = cosmosim_problems.RESERVE_SECONDS + 60 + 200  # the calibration's 60 s, then ten 20 s epochs
+    out = str(tmp_path / "o.json")
+    argv = ["cosmosim_problems.py", "--problems", "cluster2", "--runs", str(tmp_path), "--out", out]
+    monkeypatch.setattr("sys.argv", [*argv, "--time-budget", str(budget)])
+    cosmosim_problems.main()
+
+    (_, calibration), (_, training) = calls[:2]
+    assert calibration["--workdir"] == str(tmp_path / "cluster2-calibration") and calibration["--epochs"] == "1"
+    assert training["--workdir"] == str(tmp_path / "cluster2") and training["--epochs"] == "10"
+    assert calibration["--num-train"] == training["--num-train"] == "3000"  # the same images, simulated once
+    assert [script for script, _ in calls[2:]] == ["evaluate.py"] * 4
+    assert "an epoch 20.0 s: 10 epochs fit" in capsys.readouterr().out
+    with open(out) as f:
+        assert json.load(f)["cluster2"]["seconds"]["calibration"] == 60.0
