@@ -51,10 +51,21 @@ def _saved_encoding(record: dict, dataset: data_lib.Dataset) -> TargetEncoding:
     return dataclasses.replace(plain, mean=mean, std=std)
 
 
-def _moved(batches: Iterable[dict], view: np.ndarray) -> Iterator[dict]:
-    """The batches with their images moved by view (one of the square's symmetries); the targets as they are."""
+def _in_every_view(batches: Iterable[dict], views: list[np.ndarray], counts: list[int]) -> Iterator[dict]:
+    """Each batch in every view in turn (one of the square's symmetries: the images moved, the targets as they
+    are), so the split is read once; counts gets each batch's real (unmasked) rows."""
     for batch in batches:
-        yield dict(batch, image=transform_images(batch["image"], view))
+        counts.append(int(np.count_nonzero(np.asarray(batch["mask"]) > 0)))
+        for view in views:
+            yield dict(batch, image=transform_images(batch["image"], view))
+
+
+def per_view(rows: np.ndarray, counts: list[int], views: int) -> list[np.ndarray]:
+    """Undoes `_in_every_view`'s order: rows [views * sum(counts), ...], batch by batch and in each batch view by
+    view, -> one array [sum(counts), ...] per view."""
+    blocks = np.split(rows, np.cumsum([count * views for count in counts])[:-1]) if counts else []
+    stacked = [block.reshape(views, count, *rows.shape[1:]) for block, count in zip(blocks, counts, strict=True)]
+    return [np.concatenate([block[view] for block in stacked]) for view in range(views)] if stacked else [rows] * views
 
 
 def evaluate_run(
@@ -124,21 +135,16 @@ def evaluate_run(
     state = training.replicate(training.with_ema_params(state), mesh)
     eval_step = training.make_eval_step(loss_fn, with_predictions=True)
     views = SYMMETRIES if symmetry is not None else SYMMETRIES[:1]
-    results = [
-        training.evaluate(
-            state,
-            _moved(pipeline.batches(dataset, split, config.batch_size, train=False, encoding=encoding), view),
-            eval_step,
-            mesh,
-            with_predictions=True,
-        )
-        for view in views
-    ]
-    result = results[0]
-    predictions, true = result["predictions"], result["targets"]
+    counts = []
+    batches = pipeline.batches(dataset, split, config.batch_size, train=False, encoding=encoding)
+    result = training.evaluate(state, _in_every_view(batches, views, counts), eval_step, mesh, with_predictions=True)
+    view_predictions = per_view(result["predictions"], counts, len(views))
+    for key in ("targets", "index"):  # the same in every view
+        result[key] = per_view(result[key], counts, len(views))[0]
+    predictions, true = view_predictions[0], result["targets"]
     if dataset.task == "regression":
         if symmetry is not None:
-            predictions = symmetry.average_outputs(encoding, [each["predictions"] for each in results], views)
+            predictions = symmetry.average_outputs(encoding, view_predictions, views)
             result["loss"] = float(loss_fn(predictions, encoding.encode(true)))
         predictions = encoding.decode(predictions)  # true holds the raw targets: the batches carry them
         summary = metrics.regression_report(true, predictions, dataset.target_names, periods=encoding.periods)

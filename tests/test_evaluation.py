@@ -34,3 +34,13 @@ def test_ema_run_validates_and_evaluates_with_the_average(tmp_path, monkeypatch)
     assert evaluation.evaluate_run(config.workdir, split="validation")["loss"] != pytest.approx(
         report["loss"], rel=1e-3
     )
+
+
+def test_per_view_undoes_the_batch_by_batch_view_by_view_order():
+    # Two batches of 2 and 1 real rows, 3 views: rows ordered batch, view, row; each value 100 * view + 10 * row
+    # within its view's predictions.
+    first = [[100 * view + row] for view in range(3) for row in range(2)]
+    second = [[100 * view + 20] for view in range(3)]
+    views = evaluation.per_view(np.array(first + second), [2, 1], 3)
+    assert [v.tolist() for v in views] == [[[0], [1], [20]], [[100], [101], [120]], [[200], [201], [220]]]
+    assert [v.shape for v in evaluation.per_view(np.zeros((0, 4)), [], 8)] == [(0, 4)] * 8  # an empty split

@@ -205,7 +205,9 @@ def write_roulette_csv(folder, num_rows=40):
 
 
 @pytest.mark.slow
-def test_a_cosmosim_run_trains_augmented_and_evaluates_over_the_eight_views(tmp_path, finished_run, capsys):
+def test_a_cosmosim_run_trains_augmented_and_evaluates_over_the_eight_views(
+    tmp_path, finished_run, capsys, monkeypatch
+):
     csv_file = write_roulette_csv(tmp_path / "csv")
     workdir = tmp_path / "run"
     tiny = dict(TINY, num_train=None, num_validation=None, num_test=None, image_size=None, epochs=1)
@@ -214,8 +216,13 @@ def test_a_cosmosim_run_trains_augmented_and_evaluates_over_the_eight_views(tmp_
     trained = run_in_process(capsys, "train.py", "--data", csv_file, "--targets", targets, "--augment", *args)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert Config.load(str(workdir)).augment is True
+    reads, read = [], pipeline.batches
+    monkeypatch.setattr(
+        pipeline, "batches", lambda data, split, *a, **k: reads.append(split) or read(data, split, *a, **k)
+    )
     averaged = run_in_process(capsys, "evaluate.py", "--workdir", workdir)
     assert averaged.returncode == 0, averaged.stderr[-3000:]
+    assert reads == ["test"]  # the split read once, each batch predicted in the 8 views in turn
     assert "averaged over 8 rotations and mirrors" in averaged.stdout
     report = json.loads((workdir / "eval_test.json").read_text())
     single = run_in_process(capsys, "evaluate.py", "--workdir", workdir, "--no-tta")
