@@ -119,7 +119,7 @@ def op_times(trace: str, sources: dict, steps: int) -> tuple[collections.Counter
     """Milliseconds per step and kernels per step, by category, from a trace folder of `steps` steps."""
     from jax._src.profiler import ProfileData
 
-    milliseconds, counts = collections.Counter(), collections.Counter()
+    milliseconds, counts, kinds = collections.Counter(), collections.Counter(), {}
     for plane in ProfileData.from_file(xplane_file(trace)).planes:
         if plane.name != "/host:CPU":
             continue
@@ -129,7 +129,9 @@ def op_times(trace: str, sources: dict, steps: int) -> tuple[collections.Counter
             for event in line.events:
                 if event.name.startswith(NOT_KERNELS) or event.name.startswith("$") or " " in event.name:
                     continue
-                kind = category(event.name, sources)
+                if event.name not in kinds:  # once per kernel, not per run of it
+                    kinds[event.name] = category(event.name, sources)
+                kind = kinds[event.name]
                 milliseconds[kind] += event.duration_ns / 1e6 / steps
                 counts[kind] += 1 / steps
     return milliseconds, counts
