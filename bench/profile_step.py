@@ -1,9 +1,10 @@
-"""Where the CPU train step's time goes: a `jax.profiler` trace of a few steps of Inception3, each XLA kernel
-attributed to the jaxnets function that made it, through the compiled program's source locations, and summed by
-what it does (the performance issue's op breakdown).
+"""Where the CPU train (or eval) step's time goes: a `jax.profiler` trace of a few steps of Inception3, each XLA
+kernel attributed to the jaxnets function that made it, through the compiled program's source locations, and
+summed by what it does (the performance issue's op breakdown).
 
     python bench/profile_step.py --precision bf16                # b32 1x128^2
     python bench/profile_step.py --precision f32 --batch 16 --size 299 --channels 3
+    python bench/profile_step.py --mode eval --batch 64 --size 299 --channels 3   # evaluate.py's step
 
 Op time is summed over XLA's threads; a matrix product is timed on the thread that starts it.
 """
@@ -18,6 +19,7 @@ import collections  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import tempfile  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -38,8 +40,10 @@ BATCHNORM_AND_RELU = {
     "BasicConv2d.activate",
     "relu",
 }
-# Events on XLA's threads that are not kernels: the executor and thread pools around them.
+# Events on XLA's threads that are not kernels: the executor and thread pools around them, and the loops and calls
+# whose spans hold their bodies' kernels (the eval step's batch slices run in a while loop).
 NOT_KERNELS = ("ThunkExecutor", "ThreadpoolListener", "SlinkyThreadPool")
+CONTAINERS = {"while", "call", "conditional"}
 
 
 def _table(hlo: str, name: str) -> dict[int, str]:
@@ -102,6 +106,8 @@ def category(kernel: str, sources: dict) -> str:
         return "matrix products"
     if function.startswith("patches") or (function == "conv2d" and op.endswith(("concatenate", "pad"))):
         return "im2col: the columns and their zero padding"
+    if function == "_conv_dot" and op.endswith(("broadcast_in_dim", "dynamic_update_slice")):
+        return "batch slices (no gradient): output zeroed, slices copied in"
     if op.endswith("optimization_barrier"):
         return "output gradient transposed for the kernel gradients"
     if function in BATCHNORM_AND_RELU:
@@ -115,30 +121,38 @@ def category(kernel: str, sources: dict) -> str:
     return f"other ({function or kernel.rsplit('.', 1)[0]})"
 
 
-def op_times(trace: str, sources: dict, steps: int) -> tuple[collections.Counter, collections.Counter]:
-    """Milliseconds per step and kernels per step, by category, from a trace folder of `steps` steps."""
-    from jax._src.profiler import ProfileData
-
-    milliseconds, counts, kinds = collections.Counter(), collections.Counter(), {}
-    for plane in ProfileData.from_file(xplane_file(trace)).planes:
+def kernel_runs(planes) -> Iterator[tuple[str, int]]:
+    """(kernel, nanoseconds) of each kernel run on the host's XLA threads in a trace's planes: not the executor's
+    events, nor the loops' and calls' spans, which hold their bodies' kernels."""
+    for plane in planes:
         if plane.name != "/host:CPU":
             continue
         for line in plane.lines:
             if line.name == "python":
                 continue
             for event in line.events:
-                if event.name.startswith(NOT_KERNELS) or event.name.startswith("$") or " " in event.name:
+                name = event.name
+                if name.startswith(NOT_KERNELS + ("$",)) or " " in name or name.split(".", 1)[0] in CONTAINERS:
                     continue
-                if event.name not in kinds:  # once per kernel, not per run of it
-                    kinds[event.name] = category(event.name, sources)
-                kind = kinds[event.name]
-                milliseconds[kind] += event.duration_ns / 1e6 / steps
-                counts[kind] += 1 / steps
+                yield name, event.duration_ns
+
+
+def op_times(trace: str, sources: dict, steps: int) -> tuple[collections.Counter, collections.Counter]:
+    """Milliseconds per step and kernels per step, by category, from a trace folder of `steps` steps."""
+    from jax._src.profiler import ProfileData
+
+    milliseconds, counts, kinds = collections.Counter(), collections.Counter(), {}
+    for kernel, nanoseconds in kernel_runs(ProfileData.from_file(xplane_file(trace)).planes):
+        if kernel not in kinds:  # once per kernel, not per run of it
+            kinds[kernel] = category(kernel, sources)
+        milliseconds[kinds[kernel]] += nanoseconds / 1e6 / steps
+        counts[kinds[kernel]] += 1 / steps
     return milliseconds, counts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", default="train", choices=("train", "eval"))
     parser.add_argument("--precision", default="f32", choices=("f32", "bf16"))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=128)
@@ -150,17 +164,24 @@ def main() -> None:
     model = Inception3(6, in_channels=args.channels, dtype=dtype, rngs=nnx.Rngs(0))
     state = training.TrainState.create(model, optax.adam(1e-3))
     batch = random_batch(args.batch, args.size, args.channels)
+    make_step = training.make_train_step if args.mode == "train" else training.make_eval_step
     with host_memory.collector_paused():  # as train.py traces its step
-        step = training.make_train_step(losses.mse).lower(state, batch).compile()
+        compiled = make_step(losses.mse).lower(state, batch).compile()
     host_memory.release_freed_memory()
-    sources = kernel_sources(step.as_text())
+    sources = kernel_sources(compiled.as_text())
+
+    def step(state):  # the train step returns the next state; the eval step leaves it as it is
+        if args.mode == "train":
+            return compiled(state, batch)
+        return state, compiled(state, batch)
+
     for _ in range(3):  # warm-up
-        state, metrics = step(state, batch)
+        state, metrics = step(state)
     jax.block_until_ready(metrics)
     with tempfile.TemporaryDirectory() as trace:
         with jax.profiler.trace(trace):
             for _ in range(args.steps):
-                state, metrics = step(state, batch)
+                state, metrics = step(state)
             jax.block_until_ready(metrics)
         milliseconds, counts = op_times(trace, sources, args.steps)
     total = sum(milliseconds.values())

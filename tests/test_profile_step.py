@@ -3,6 +3,7 @@
 import importlib.util
 import os
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -41,3 +42,16 @@ def test_kernels_are_attributed_to_the_convolution_and_adam():
     assert "im2col: the columns and their zero padding" in kinds
     assert "Adam update" in kinds
     assert profile_step.category("no_such_kernel.3", sources) == "other (no_such_kernel)"
+
+
+def test_loops_and_calls_are_not_counted_beside_the_kernels_they_run():
+    event = lambda name, ns: types.SimpleNamespace(name=name, duration_ns=ns)  # noqa: E731
+    xla_thread = types.SimpleNamespace(
+        name="XLAEigen",
+        events=[event("while.73", 900), event("dot.4", 500), event("fusion.2", 300), event("call", 800)],
+    )
+    planes = [
+        types.SimpleNamespace(name="/host:CPU", lines=[xla_thread, types.SimpleNamespace(name="python", events=[])]),
+        types.SimpleNamespace(name="/device:GPU:0", lines=[xla_thread]),
+    ]
+    assert list(profile_step.kernel_runs(planes)) == [("dot.4", 500), ("fusion.2", 300)]
