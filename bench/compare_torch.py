@@ -39,7 +39,7 @@ CASES = {
 DEVICE_CASES = {
     "gpu-train299": ("train", 256, 3, 299),
     "gpu-eval299": ("eval", 512, 3, 299),
-    # The CosmoAI group's setting (batch 32, grey 256 px; an sie epoch on an H200 ran ~650 images/s): not by default.
+    # The CosmoAI group's setting (batch 32, grey 256 px), where an H200 trained slowly (README, GPU): not by default.
     "gpu-train256-b32": ("train", 32, 1, 256),
 }
 DEFAULT_DEVICE_CASES = "gpu-train299,gpu-eval299"

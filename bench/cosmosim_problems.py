@@ -41,8 +41,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AMPLITUDES = "alpha[*][*],beta[*][*]"
-# --time-budget: what the run after the calibration needs besides its epochs. Measured on one H200 at 256 px
-# (sie, 2026-12-04): 37 s of start and compile from the cache, then the four evaluations 114 s.
+# --time-budget: what the run after the calibration needs besides its epochs (its start and compile from the cache,
+# the four evaluations), with a margin; measured in README, "sie at their setting on one GPU".
 RESERVE_SECONDS = 180
 MOST_EPOCHS = 40  # --time-budget without --epochs
 
