@@ -63,9 +63,12 @@ def _in_every_view(batches: Iterable[dict], views: list[np.ndarray], counts: lis
 def per_view(rows: np.ndarray, counts: list[int], views: int) -> list[np.ndarray]:
     """Undoes `_in_every_view`'s order: rows [views * sum(counts), ...], batch by batch and in each batch view by
     view, -> one array [sum(counts), ...] per view."""
-    blocks = np.split(rows, np.cumsum([count * views for count in counts])[:-1]) if counts else []
-    stacked = [block.reshape(views, count, *rows.shape[1:]) for block, count in zip(blocks, counts, strict=True)]
-    return [np.concatenate([block[view] for block in stacked]) for view in range(views)] if stacked else [rows] * views
+    if not counts:  # an empty split
+        return [rows] * views
+    ends = np.cumsum([count * views for count in counts])[:-1]
+    split = zip(np.split(rows, ends), counts, strict=True)
+    blocks = [block.reshape(views, count, *rows.shape[1:]) for block, count in split]
+    return [np.concatenate([block[view] for block in blocks]) for view in range(views)]
 
 
 def evaluate_run(
