@@ -168,8 +168,14 @@ def epochs_within(seconds_left: float, epoch_seconds: float, most: int) -> int:
     return max(1, min(most, int((seconds_left - RESERVE_SECONDS) // epoch_seconds)))
 
 
+def with_epochs(args: argparse.Namespace, epochs: int) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "epochs": epochs})
+
+
 def last_epoch_seconds(workdir: str) -> float:
-    """The last epoch's seconds (training and validation) in a run's metrics.jsonl."""
+    """The last epoch's seconds (training and validation) in a run's metrics.jsonl. Read here rather than with
+    jaxnets.monitor.read_history: the script drives train.py and evaluate.py as a user does and imports no jaxnets,
+    so it runs where only the checkout is (a lent GPU)."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()][-1]["seconds"]
 
@@ -184,10 +190,6 @@ def calibrated_epochs(problem: Problem, workdir: str, args: argparse.Namespace, 
     epochs = epochs_within(args.time_budget - seconds, epoch_seconds, args.epochs or MOST_EPOCHS)
     print(f"calibration: {seconds:.0f} s, an epoch {epoch_seconds:.1f} s: {epochs} epochs fit", flush=True)
     return epochs, seconds
-
-
-def with_epochs(args: argparse.Namespace, epochs: int) -> argparse.Namespace:
-    return argparse.Namespace(**{**vars(args), "epochs": epochs})
 
 
 def main() -> None:

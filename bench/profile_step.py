@@ -78,6 +78,7 @@ def kernel_sources(hlo: str) -> dict[str, tuple[str, list[tuple[str, str]]]]:
         return calls
 
     metadata = re.compile(r'metadata=\{op_name="([^"]*)"(?: [^}]*stack_frame_id=(\d+))?')
+    bodies = dict(re.findall(r"^%([\w.\-]+) (.*?\n\})", hlo, re.M | re.S))  # each computation's, found once
     sources = {}
     for line in hlo.splitlines():  # every computation's: kernels run in loop bodies too
         kernel = re.match(r"\s*(?:ROOT )?%(\S+) = ", line)
@@ -86,8 +87,7 @@ def kernel_sources(hlo: str) -> dict[str, tuple[str, list[tuple[str, str]]]]:
         found = metadata.search(line)
         called = re.search(r"calls=%([\w.\-]+)", line)
         if not found and called:
-            body = re.search(rf"^%{re.escape(called[1])} .*?\n\}}", hlo, re.M | re.S)
-            inner = re.findall(r"= \S+ ([\w-]+)\(.*?" + metadata.pattern, body[0]) if body else []
+            inner = re.findall(r"= \S+ ([\w-]+)\(.*?" + metadata.pattern, bodies.get(called[1], ""))
             inner.sort(key=lambda op: op[0] != "concatenate")
             found = (None, *inner[0][1:]) if inner else None
         if found:
