@@ -62,7 +62,7 @@ def jax_worker(mode: str, batch: int, channels: int, size: int, precision: str) 
     import optax
     from flax import nnx
 
-    from jaxnets import host_memory, losses, training
+    from jaxnets import host_memory, losses, step_cache, training
     from jaxnets.models import Inception3
 
     dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
@@ -82,8 +82,15 @@ def jax_worker(mode: str, batch: int, channels: int, size: int, precision: str) 
     step = training.make_train_step(losses.mse) if mode == "train" else training.make_eval_step(losses.mse)
     started = time.perf_counter()
     with host_memory.collector_paused():  # as train_and_evaluate traces its step
-        lowered = step.lower(state, data)
-    compiled = lowered.compile()
+        if mode == "train" and "JAXNETS_BENCH_CACHE" in os.environ:  # as train.py with its compilation cache
+            cache = step_cache.StepCache(os.environ["JAXNETS_BENCH_CACHE"])
+            options = training.train_step_compiler_options()
+            compile_step = step_cache.lower_cached(
+                training.train_step_function(losses.mse), state, data, cache, {}, compiler_options=options
+            )
+        else:
+            compile_step = step.lower(state, data).compile
+    compiled = compile_step()
     compile_seconds = time.perf_counter() - started
     host_memory.release_freed_memory()  # as train_and_evaluate does after compiling
 

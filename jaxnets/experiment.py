@@ -32,6 +32,7 @@ from jaxnets.data import pipeline
 from jaxnets.data.symmetry import TargetSymmetry
 from jaxnets.data.targets import Polar, parse_axis_ratios, parse_weights, roulette_pairs
 from jaxnets.models import MLP, Inception3
+from jaxnets.step_cache import StepCache, lower_cached
 from jaxnets.workdir_lock import WorkdirBusy, WorkdirLock
 
 # Programs that compile faster than this are not worth a cache entry (and the disk it takes).
@@ -466,17 +467,44 @@ def _check_saved_config(config: Config, saved: Config, workdir: str) -> None:
         )
 
 
-def _lower_train_step(train_step, state: training.TrainState, batch, model: nnx.Module):
-    """Traces the train step on a real batch: a wrong image size or channel count fails here, with the model's
-    message and before anything is written; compiling the result later reuses this trace."""
+def _lower_train_step(
+    config: Config, loss_fn: training.LossFn, steps_per_epoch: int, state: training.TrainState, batch, model: nnx.Module
+) -> Callable[[], Callable]:
+    """Traces the train step on a real batch, or reads its trace from the step cache (`jaxnets.step_cache`, beside
+    XLA's compilation cache): a wrong image size or channel count fails here, with the model's message and before
+    anything is written. Returns `compile()`, which gives the step later."""
+    cache = StepCache(config.compilation_cache) if config.compilation_cache and jax.process_count() == 1 else None
     try:
         with host_memory.collector_paused():
-            return train_step.lower(state, batch)
+            if cache is None:
+                return training.make_train_step(loss_fn).lower(state, batch).compile
+            return lower_cached(
+                training.train_step_function(loss_fn),
+                state,
+                batch,
+                cache,
+                _step_shaped_by(config, steps_per_epoch),
+                compiler_options=training.train_step_compiler_options(),
+            )
     except ValueError as error:
         raise RunError(
             f"the {type(model).__name__} model cannot take this dataset's images "
             f"{tuple(batch['image'].shape[1:])}: {error}"
         ) from None
+
+
+# Options that cannot change the train step's program: where files are and how they are read, and the seeds (the
+# initial weights and the data order are arrays, not constants of the program). Every other option is in its key.
+STEP_INDEPENDENT_OPTIONS = HOST_LOCAL_OPTIONS + ("workdir", "seed", "data_seed", "num_validation", "num_test")
+
+
+def _step_shaped_by(config: Config, steps_per_epoch: int) -> dict:
+    """What built the train step besides its inputs, for the step cache's key: the run's options as resolved for its
+    data, and the steps per epoch its learning-rate schedule counts."""
+    options = dataclasses.asdict(config)
+    for name in STEP_INDEPENDENT_OPTIONS:
+        del options[name]
+    return {"options": options, "steps_per_epoch": steps_per_epoch}
 
 
 def _has_checkpoint(workdir: str) -> bool:
@@ -583,7 +611,7 @@ def train_and_evaluate(config: Config) -> dict:
             config_for_model = config
         model = build_model(config_for_model, dataset)
         state = training.TrainState.create(model, build_optimizer(config, steps_per_epoch))
-        train_step, eval_step = training.make_train_step(loss_fn), training.make_eval_step(loss_fn)
+        eval_step = training.make_eval_step(loss_fn)
         train_batches = functools.partial(
             pipeline.batches,
             dataset,
@@ -599,7 +627,9 @@ def train_and_evaluate(config: Config) -> dict:
             pipeline.batches, dataset, "validation", config.batch_size, train=False, encoding=encoding
         )
         example = next(iter(train_batches()))
-    lowered = _lower_train_step(train_step, training.replicate(state, mesh), training.shard_batch(example, mesh), model)
+    compile_train_step = _lower_train_step(
+        config, loss_fn, steps_per_epoch, training.replicate(state, mesh), training.shard_batch(example, mesh), model
+    )
     # Everything is checked: only now is anything written to the workdir, by one run at a time.
     is_main = jax.process_index() == 0
     lock, checkpointer, writer = _lock_workdir(workdir), None, None
@@ -615,7 +645,7 @@ def train_and_evaluate(config: Config) -> dict:
             state = training.replicate(state, mesh)
             # Compile before the first step and give the compiler's freed memory back, so that it and the step's
             # buffers do not both count towards the peak memory.
-            train_step = lowered.compile()
+            train_step = compile_train_step()
             host_memory.release_freed_memory()
             record_base = {"targets": None if encoding is None else encoding.to_json()}
             data_wait = monitor.DataWait(config.read_threads)

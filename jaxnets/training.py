@@ -112,12 +112,27 @@ def _sums(loss: jax.Array, mask: jax.Array) -> Metrics:
 def make_train_step(
     loss_fn: LossFn, *, donate: bool = True
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """Returns a jit-compiled `train_step(state, batch) -> (state, metrics)`.
+    """Returns a jit-compiled `train_step(state, batch) -> (state, metrics)` (see `train_step_function`). With
+    donate=True the old state's buffers are reused."""
+    return jax.jit(
+        train_step_function(loss_fn),
+        donate_argnums=(0,) if donate else (),
+        compiler_options=train_step_compiler_options(),
+    )
+
+
+def train_step_compiler_options() -> dict[str, str] | None:
+    """Where convolutions are im2col, their backward builds the columns again instead of keeping the forward's."""
+    return dict(conv.COMPILER_OPTIONS) if conv.cpu_tuned() else None
+
+
+def train_step_function(loss_fn: LossFn) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """`train_step(state, batch) -> (state, metrics)`, one Adam (or the state's optimiser) update, not compiled.
 
     batch: {"image": [B, H, W, C], "target": [B, P] or "label": [B], "mask": [B]}. The model runs in
     train mode (batch statistics, dropout); a model returning (outputs, aux_outputs) is trained on
     loss + 0.4 * aux loss, torchvision's convention. Predictions are cast to float32 before the loss,
-    so bf16 models keep a float32 loss. With donate=True the old state's buffers are reused.
+    so bf16 models keep a float32 loss.
     """
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -143,9 +158,7 @@ def make_train_step(
         metrics["first_nonfinite_step"] = jnp.where(jnp.isfinite(loss), NO_STEP, new_state.step)
         return new_state, metrics
 
-    # Where convolutions are im2col, their backward builds the columns again instead of keeping the forward's.
-    compiler_options = conv.COMPILER_OPTIONS if conv.cpu_tuned() else None
-    return jax.jit(train_step, donate_argnums=(0,) if donate else (), compiler_options=compiler_options)
+    return train_step
 
 
 def make_eval_step(loss_fn: LossFn, *, with_predictions: bool = False) -> Callable:

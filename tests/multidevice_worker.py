@@ -1,6 +1,7 @@
 """Trains a tiny BatchNorm model a few steps and prints the losses as JSON (run in subprocesses).
 
-Usage: python multidevice_worker.py single | devices | process <id> <port>
+Usage: python multidevice_worker.py single | devices | process <id> <port> [cached]
+With `cached` the step is the traced step kept by jaxnets.step_cache: exported and saved, then read back.
 """
 
 import json
@@ -24,7 +25,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from jaxnets import losses, training  # noqa: E402
+from jaxnets import losses, step_cache, training  # noqa: E402
 
 
 class Net(nnx.Module):
@@ -50,6 +51,17 @@ if mode == "process":
 mesh = training.data_mesh()
 state = training.replicate(training.TrainState.create(Net(nnx.Rngs(0)), optax.adam(1e-2)), mesh)
 step = training.make_train_step(losses.mse)
+if sys.argv[-1] == "cached":
+    import tempfile
+
+    example = training.shard_batch(batch, mesh)
+    with tempfile.TemporaryDirectory() as folder:
+        for _ in ("saved", "read back"):
+            compile_step = step_cache.lower_cached(
+                training.train_step_function(losses.mse), state, example, step_cache.StepCache(folder), {}
+            )
+        assert len(os.listdir(os.path.join(folder, step_cache.SUBDIRECTORY))) == 1
+    step = compile_step()
 result = []
 for _ in range(3):
     state, metrics = step(state, training.shard_batch(batch, mesh))

@@ -16,7 +16,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from conftest import TINY, cli_args, run_in_process, run_script, tiny_config
-from jaxnets import experiment, losses, training
+from jaxnets import experiment, losses, step_cache, training
 from jaxnets.checkpoint import Checkpointer
 from jaxnets.config import Config
 from jaxnets.data import Dataset, lens, pipeline
@@ -96,26 +96,38 @@ def test_the_loss_and_lr_default_to_huber_and_1e_3_for_roulette_amplitudes_only(
         experiment.build_optimizer(config, 1)  # an unresolved config names the step it missed
 
 
-def test_the_train_step_traces_with_the_garbage_collector_paused_and_restored_after():
+def test_the_train_step_traces_with_the_garbage_collector_paused_and_restored_after(tmp_path, monkeypatch):
     seen = []
 
-    class TrainStep:
-        def lower(self, state, batch):
-            seen.append(gc.isenabled())
-            if batch == "bad":
-                raise ZeroDivisionError
-            return "lowered"
+    def trace(batch):
+        seen.append(gc.isenabled())
+        if batch == "bad":
+            raise ZeroDivisionError
 
-    assert experiment._lower_train_step(TrainStep(), None, {}, None) == "lowered"
-    with pytest.raises(ZeroDivisionError):
-        experiment._lower_train_step(TrainStep(), None, "bad", None)
-    assert seen == [False, False] and gc.isenabled()
-    gc.disable()  # a program that turned it off keeps it off
-    try:
-        experiment._lower_train_step(TrainStep(), None, {}, None)
-        assert not gc.isenabled()
-    finally:
-        gc.enable()
+    class TrainStep:  # without a compilation cache: jit's own trace
+        def lower(self, state, batch):
+            trace(batch)
+            return self
+
+        compile = None
+
+    monkeypatch.setattr(training, "make_train_step", lambda loss_fn: TrainStep())
+    monkeypatch.setattr(step_cache, "export_step", lambda step, state, batch: trace(batch))  # with one: the export
+    monkeypatch.setattr(step_cache, "lower_exported", lambda *args, **kwargs: None)
+    monkeypatch.setattr(step_cache, "step_key", lambda *args: "key")
+    monkeypatch.setattr(step_cache.StepCache, "save", lambda *args: None)
+    for cache in ("", str(tmp_path)):
+        config = tiny_config(tmp_path, compilation_cache=cache)
+        experiment._lower_train_step(config, None, 6, None, {}, None)
+        with pytest.raises(ZeroDivisionError):
+            experiment._lower_train_step(config, None, 6, None, "bad", None)
+        gc.disable()  # a program that turned it off keeps it off
+        try:
+            experiment._lower_train_step(config, None, 6, None, {}, None)
+            assert not gc.isenabled()
+        finally:
+            gc.enable()
+    assert seen == [False] * 6 and gc.isenabled()
 
 
 def test_a_run_saves_the_data_defaults_it_trained_with_and_keeps_them(tmp_path, monkeypatch):

@@ -159,6 +159,12 @@ def test_eight_devices_give_the_same_loss_as_one(single_device_result):
     assert eight["kernel_sum"] == pytest.approx(single_device_result["kernel_sum"], rel=1e-5)
 
 
+def test_the_step_read_back_from_the_step_cache_trains_on_eight_devices_as_the_jitted_step():
+    cached, plain = _result(_run_worker("devices", "cached")), _result(_run_worker("devices"))
+    assert cached["devices"] == 8 and cached["losses"] == plain["losses"]
+    assert cached["kernel_sum"] == plain["kernel_sum"]
+
+
 @pytest.mark.slow
 def test_two_processes_agree_with_one(single_device_result):
     with socket.socket() as s:
