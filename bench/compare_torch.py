@@ -2,9 +2,11 @@
 
 Each side runs in its own worker process (so peak memory is measured separately); the parent alternates
 timed blocks between them, excludes warm-up, and reports medians and the jaxnets/PyTorch ratio as a
-table and one JSON line. `--device` compares on the accelerator: jaxnets bf16 against torchvision's Inception3
-with AMP bf16 and channels_last, both eager and `torch.compile`, all on the same GPU in the same run, and
-profiles the jaxnets steps (op time by category; the raw trace is kept for reading elsewhere).
+table and one JSON line. On CPU PyTorch runs float32, the lecture's, and jaxnets each --precision (evaluation too:
+evaluate.py runs a model in the precision it was trained in). `--device` compares on the accelerator: jaxnets bf16
+against torchvision's Inception3 with AMP bf16 and channels_last, both eager and `torch.compile`, all on the same
+GPU in the same run, and profiles the jaxnets steps (op time by category; the raw trace is kept for reading
+elsewhere).
 
     python bench/compare_torch.py                 # all CPU cases (takes ~15 minutes on 2 cores)
     python bench/compare_torch.py --cases train128 --rounds 5
@@ -497,8 +499,6 @@ def main() -> None:
     results = []
     for case in args.cases.split(","):
         for precision in args.precision.split(","):
-            if CASES[case][0] == "eval" and precision == "bf16":
-                continue
             results.append(compare(case, precision, args.rounds, args.steps))
             r = results[-1]
             print(
