@@ -92,7 +92,7 @@ def jax_worker(mode: str, batch: int, channels: int, size: int, precision: str) 
             )
         else:
             compile_step = step.lower(state, data).compile
-    compiled = compile_step()
+        compiled = compile_step()
     compile_seconds = time.perf_counter() - started
     host_memory.release_freed_memory()  # as train_and_evaluate does after compiling
 

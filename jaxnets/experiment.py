@@ -644,8 +644,10 @@ def train_and_evaluate(config: Config) -> dict:
             writer = monitor.MetricWriter(workdir, history, enabled=is_main)
             state = training.replicate(state, mesh)
             # Compile before the first step and give the compiler's freed memory back, so that it and the step's
-            # buffers do not both count towards the peak memory.
-            train_step = compile_train_step()
+            # buffers do not both count towards the peak memory. The collector paused, as for the trace: loading
+            # the program from XLA's cache allocates enough to start full collections over everything alive.
+            with host_memory.collector_paused():
+                train_step = compile_train_step()
             host_memory.release_freed_memory()
             record_base = {"targets": None if encoding is None else encoding.to_json()}
             data_wait = monitor.DataWait(config.read_threads)

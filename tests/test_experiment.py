@@ -130,6 +130,18 @@ def test_the_train_step_traces_with_the_garbage_collector_paused_and_restored_af
     assert seen == [False] * 6 and gc.isenabled()
 
 
+def test_a_run_compiles_its_train_step_with_the_garbage_collector_paused(tmp_path, monkeypatch):
+    seen, lower = [], experiment._lower_train_step
+
+    def recording(*args):
+        compile_step = lower(*args)
+        return lambda: seen.append(gc.isenabled()) or compile_step()
+
+    monkeypatch.setattr(experiment, "_lower_train_step", recording)
+    experiment.train_and_evaluate(tiny_config(tmp_path, epochs=1))
+    assert seen == [False] and gc.isenabled()
+
+
 def test_a_run_saves_the_data_defaults_it_trained_with_and_keeps_them(tmp_path, monkeypatch):
     # A later version choosing another default (here: l1 for every dataset) must not change how a saved run is
     # evaluated or resumed: before the run saved them, its config.json held null and the new default applied.
