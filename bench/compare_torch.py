@@ -37,6 +37,8 @@ CASES = {
     "train128": ("train", 32, 1, 128),
     "train299": ("train", 16, 3, 299),
     "eval299": ("eval", 64, 3, 299),
+    # The CosmoAI group's problems as evaluated on CPU (bench/cosmosim_problems.py): not by default.
+    "eval128": ("eval", 32, 1, 128),
 }
 DEVICE_CASES = {
     "gpu-train299": ("train", 256, 3, 299),

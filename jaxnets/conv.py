@@ -167,13 +167,8 @@ CHUNK_BYTES = 128 * 2**20
 def _conv_dot(images: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, precision) -> jax.Array:
     """im2col + matrix products over slices of the batch (see CHUNK_BYTES); differentiated, the whole batch's at
     once (_conv_dot_forward), as the backward's products need."""
-    batch = images.shape[0]
     chunk = _chunk(images.shape, kernel.shape, strides, padding, jnp.dtype(images.dtype).itemsize)
-    if chunk == batch:
-        return _conv_dot_batch(images, kernel, strides, padding, precision)
-    slices = images.reshape(batch // chunk, chunk, *images.shape[1:])
-    outputs = lax.map(lambda part: _conv_dot_batch(part, kernel, strides, padding, precision), slices)
-    return outputs.reshape(batch, *outputs.shape[2:])
+    return in_batch_slices(lambda part: _conv_dot_batch(part, kernel, strides, padding, precision), images, chunk)
 
 
 def _chunk(image_shape, kernel_shape, strides: tuple[int, int], padding: Padding, itemsize: int) -> int:
@@ -184,8 +179,22 @@ def _chunk(image_shape, kernel_shape, strides: tuple[int, int], padding: Padding
         return batch  # no columns to build
     out_h = _output_size(height, kernel_h, strides[0], padding[0])
     out_w = _output_size(width, kernel_w, strides[1], padding[1])
-    per_image = out_h * out_w * kernel_h * kernel_w * in_channels * itemsize
-    return max([size for size in range(1, batch + 1) if batch % size == 0 and size * per_image <= CHUNK_BYTES] or [1])
+    return slice_size(batch, out_h * out_w * kernel_h * kernel_w * in_channels * itemsize, CHUNK_BYTES)
+
+
+def slice_size(batch: int, bytes_per_image: int, budget: int) -> int:
+    """The largest number of images that divides the batch and takes at most `budget` bytes (at least 1)."""
+    return max([size for size in range(1, batch + 1) if batch % size == 0 and size * bytes_per_image <= budget] or [1])
+
+
+def in_batch_slices(fn, images: jax.Array, size: int) -> jax.Array:
+    """fn(images) computed `size` images at a time (lax.map over slices of the batch), for a per-image fn; one
+    call when size is the whole batch."""
+    batch = images.shape[0]
+    if size == batch:
+        return fn(images)
+    outputs = lax.map(fn, images.reshape(batch // size, size, *images.shape[1:]))
+    return outputs.reshape(batch, *outputs.shape[2:])
 
 
 def _conv_dot_batch(images: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, precision):

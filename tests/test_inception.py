@@ -149,6 +149,33 @@ def test_eval_outputs_match_torchvision_1x128_grayscale(torch, gray_pair):
     assert relative_error(outputs, expected) <= 1e-4
 
 
+def test_eval_mode_runs_the_stem_over_slices_of_the_batch_with_the_same_outputs(monkeypatch):
+    from jaxnets.models import inception
+
+    model = Inception3(3, in_channels=1, rngs=nnx.Rngs(0))
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(4, 75, 75, 1)).astype(np.float32))
+
+    def lower(mode: str):
+        getattr(model, mode)()
+        graphdef, state = nnx.split(model)
+        return jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)).lower(state, images)
+
+    lowered = {}
+    for name, budget in (("whole", 2**40), ("sliced", 1)):  # one slice of 4 images; 4 slices of 1
+        monkeypatch.setattr(inception, "STEM_SLICE_BYTES", budget)
+        for mode in ("eval", "train"):
+            lowered[name, mode] = lower(mode)
+    assert "stablehlo.while" in lowered["sliced", "eval"].as_text()
+    assert "stablehlo.while" not in lowered["whole", "eval"].as_text()
+    assert lowered["sliced", "train"].as_text() == lowered["whole", "train"].as_text()  # batch statistics: whole
+    state = nnx.state(model)
+    np.testing.assert_array_equal(
+        lowered["sliced", "eval"].compile()(state, images), lowered["whole", "eval"].compile()(state, images)
+    )
+    monkeypatch.setenv("JAXNETS_CONV", "lax")  # GPU/TPU's form: whole batches
+    assert "stablehlo.while" not in lower("eval").as_text()
+
+
 @pytest.mark.slow
 def test_jitted_train_step_uses_dropout_and_updates_state(gray_pair):
     """The training loop's pattern (split once, plain jax.jit, merge with copy=True) in train mode."""

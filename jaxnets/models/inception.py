@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxnets import conv
 from jaxnets.models.layers import (
     BasicConv2d,
     avg_pool_3x3_same,
@@ -22,6 +23,12 @@ from jaxnets.models.layers import (
 # silently give NaN); the auxiliary head's 5x5 convolution needs the 17x17 grid that only 299 px inputs reach.
 MIN_IMAGE_SIZE = 75
 MIN_IMAGE_SIZE_AUX = 299
+
+# In eval mode on CPU the stem (the layers before Mixed_5b) runs over slices of the batch whose widest im2col
+# columns (Conv2d_2b's) take at most this: the whole batch's stem activations at 147x147 were most of the evaluation's
+# memory, and the slices run faster too. Each image's result is the same: BatchNorm uses its running statistics.
+# Figures: README, Benchmarks ("The stem in slices").
+STEM_SLICE_BYTES = 32 * 2**20
 
 # transform_input: torchvision maps inputs normalised with ImageNet's mean/std to the (x - 0.5) / 0.5 scaling
 # Google's original weights were trained with.
@@ -298,13 +305,10 @@ class Inception3(nnx.Module):
         x = images.astype(self.dtype)
         if self.transform_input:
             x = _transform_input(x)
-        x = self.Conv2d_1a_3x3(x)  # [batch, 149, 149, 32] for 299x299 inputs
-        x = self.Conv2d_2a_3x3(x)  # [batch, 147, 147, 32]
-        x = self.Conv2d_2b_3x3(x)  # [batch, 147, 147, 64]
-        x = max_pool_3x3_stride_2(x)  # [batch, 73, 73, 64]
-        x = self.Conv2d_3b_1x1(x)  # [batch, 73, 73, 80]
-        x = self.Conv2d_4a_3x3(x)  # [batch, 71, 71, 192]
-        x = max_pool_3x3_stride_2(x)  # [batch, 35, 35, 192]
+        if self.training or not conv.cpu_tuned():
+            x = self._stem(x)
+        else:
+            x = conv.in_batch_slices(self._stem, x, self._stem_slice(x))
         x = self.Mixed_5b(x)  # [batch, 35, 35, 256]
         x = self.Mixed_5c(x)  # [batch, 35, 35, 288]
         x = self.Mixed_5d(x)  # [batch, 35, 35, 288]
@@ -323,6 +327,22 @@ class Inception3(nnx.Module):
         if aux is None:
             return outputs
         return outputs, aux.astype(jnp.float32)
+
+    def _stem(self, x: jax.Array) -> jax.Array:
+        x = self.Conv2d_1a_3x3(x)  # [batch, 149, 149, 32] for 299x299 inputs
+        x = self.Conv2d_2a_3x3(x)  # [batch, 147, 147, 32]
+        x = self.Conv2d_2b_3x3(x)  # [batch, 147, 147, 64]
+        x = max_pool_3x3_stride_2(x)  # [batch, 73, 73, 64]
+        x = self.Conv2d_3b_1x1(x)  # [batch, 73, 73, 80]
+        x = self.Conv2d_4a_3x3(x)  # [batch, 71, 71, 192]
+        return max_pool_3x3_stride_2(x)  # [batch, 35, 35, 192]
+
+    def _stem_slice(self, x: jax.Array) -> int:
+        """Images per slice of the stem in eval mode (STEM_SLICE_BYTES): Conv2d_2b's columns are 3x3 windows of its
+        32 channels on the grid Conv2d_1a (stride 2) and Conv2d_2a (valid) leave."""
+        batch, height, width, _ = x.shape
+        grid = ((height - 3) // 2 - 1) * ((width - 3) // 2 - 1)
+        return conv.slice_size(batch, grid * 3 * 3 * 32 * jnp.dtype(x.dtype).itemsize, STEM_SLICE_BYTES)
 
     def _check_inputs(self, images: jax.Array) -> None:
         """Shape errors a user understands, instead of NaN outputs (too small) or an XLA error (channels)."""
