@@ -335,10 +335,12 @@ def _params(workdir):
     return jax.tree.leaves(state.params) + jax.tree.leaves(state.opt_state)
 
 
-def test_resume_gives_identical_parameters_and_history(tmp_path):
-    straight = tiny_config(tmp_path, workdir=str(tmp_path / "straight"))
+@pytest.mark.parametrize("cached", [False, True])  # with the step cache, the resumed run reads straight's step
+def test_resume_gives_identical_parameters_and_history(tmp_path, cached):
+    cache = str(tmp_path / "cache") if cached else ""
+    straight = tiny_config(tmp_path, workdir=str(tmp_path / "straight"), compilation_cache=cache)
     experiment.train_and_evaluate(straight)
-    split = tiny_config(tmp_path, workdir=str(tmp_path / "split"), epochs=1)
+    split = tiny_config(tmp_path, workdir=str(tmp_path / "split"), epochs=1, compilation_cache=cache)
     experiment.train_and_evaluate(split)
     experiment.train_and_evaluate(dataclasses.replace(split, epochs=2))
     for a, b in zip(_params(tmp_path / "straight"), _params(tmp_path / "split"), strict=True):
@@ -346,6 +348,8 @@ def test_resume_gives_identical_parameters_and_history(tmp_path):
     lines = [[json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")] for name in ("straight", "split")]
     strip = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # noqa: E731
     assert strip(lines[0]) == strip(lines[1])
+    if cached:  # two programs (1 and 2 epochs of schedule): the resumed run took straight's
+        assert len(list((tmp_path / "cache" / step_cache.SUBDIRECTORY).iterdir())) == 2
 
 
 @pytest.mark.parametrize(
