@@ -195,7 +195,9 @@ class Config:
     # Run
     workdir: str | None = _option(None, "run folder for checkpoints and reports (default runs/<dataset>-<model>)")
     distributed: bool = _option(False, "multi-host: call jax.distributed.initialize() (auto-detects Slurm)")
-    compilation_cache: str = _option(".cache/jax", "persistent XLA compilation cache folder ('' to disable)")
+    compilation_cache: str = _option(
+        ".cache/jax", "persistent XLA compilation cache folder, also keeping the traced train steps ('' to disable)"
+    )
 
     @property
     def dataset_name(self) -> str:
