@@ -83,18 +83,14 @@ def jax_worker(mode: str, batch: int, channels: int, size: int, precision: str) 
         },
         mesh,
     )
-    step = training.make_train_step(losses.mse) if mode == "train" else training.make_eval_step(losses.mse)
+    # With the persistent cache, train.py's way: the traced step kept beside it.
+    cache = step_cache.StepCache(os.environ["JAXNETS_BENCH_CACHE"]) if "JAXNETS_BENCH_CACHE" in os.environ else None
     started = time.perf_counter()
-    with host_memory.collector_paused():  # as train_and_evaluate traces its step
-        if mode == "train" and "JAXNETS_BENCH_CACHE" in os.environ:  # as train.py with its compilation cache
-            cache = step_cache.StepCache(os.environ["JAXNETS_BENCH_CACHE"])
-            options = training.train_step_compiler_options()
-            compile_step = step_cache.lower_cached(
-                training.train_step_function(losses.mse), state, data, cache, {}, compiler_options=options
-            )
+    with host_memory.collector_paused():  # as train_and_evaluate traces and compiles its step
+        if mode == "train":
+            compiled = training.lower_train_step(losses.mse, state, data, cache)()
         else:
-            compile_step = step.lower(state, data).compile
-        compiled = compile_step()
+            compiled = training.make_eval_step(losses.mse).lower(state, data).compile()
     compile_seconds = time.perf_counter() - started
     host_memory.release_freed_memory()  # as train_and_evaluate does after compiling
 

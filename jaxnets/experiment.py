@@ -32,7 +32,7 @@ from jaxnets.data import pipeline
 from jaxnets.data.symmetry import TargetSymmetry
 from jaxnets.data.targets import Polar, parse_axis_ratios, parse_weights, roulette_pairs
 from jaxnets.models import MLP, Inception3
-from jaxnets.step_cache import StepCache, lower_cached
+from jaxnets.step_cache import StepCache
 from jaxnets.workdir_lock import WorkdirBusy, WorkdirLock
 
 # Programs that compile faster than this are not worth a cache entry (and the disk it takes).
@@ -476,16 +476,8 @@ def _lower_train_step(
     cache = StepCache(config.compilation_cache) if config.compilation_cache and jax.process_count() == 1 else None
     try:
         with host_memory.collector_paused():
-            if cache is None:
-                return training.make_train_step(loss_fn).lower(state, batch).compile
-            return lower_cached(
-                training.train_step_function(loss_fn),
-                state,
-                batch,
-                cache,
-                _step_shaped_by(config, steps_per_epoch),
-                compiler_options=training.train_step_compiler_options(),
-            )
+            shaped_by = None if cache is None else _step_shaped_by(config, steps_per_epoch)
+            return training.lower_train_step(loss_fn, state, batch, cache, shaped_by)
     except ValueError as error:
         raise RunError(
             f"the {type(model).__name__} model cannot take this dataset's images "

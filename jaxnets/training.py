@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxnets import conv
+from jaxnets.step_cache import StepCache, lower_cached
 
 Batch = dict[str, Any]
 Metrics = dict[str, jax.Array]
@@ -117,6 +118,23 @@ def make_train_step(
     return jax.jit(
         train_step_function(loss_fn),
         donate_argnums=(0,) if donate else (),
+        compiler_options=train_step_compiler_options(),
+    )
+
+
+def lower_train_step(
+    loss_fn: LossFn, state: TrainState, batch: Batch, cache: StepCache | None = None, shaped_by: dict | None = None
+) -> Callable[[], Callable[[TrainState, Batch], tuple[TrainState, Metrics]]]:
+    """The train step lowered for these inputs: jit's own trace, or with a step cache (`jaxnets.step_cache`) the
+    trace it keeps under the inputs and `shaped_by`. Returns `compile()`, which gives the step."""
+    if cache is None:
+        return make_train_step(loss_fn).lower(state, batch).compile
+    return lower_cached(
+        train_step_function(loss_fn),
+        state,
+        batch,
+        cache,
+        shaped_by or {},
         compiler_options=train_step_compiler_options(),
     )
 
