@@ -47,16 +47,20 @@ def conv2d(
     in the dtype of images and kernel (promoted). bfloat16 inputs are multiplied in bfloat16 and summed in float32.
 
     implementation: "lax" (lax.conv_general_dilated), "dot" (im2col + matrix products, forward and backward), or
-    "auto" (the default, also read from $JAXNETS_CONV): "dot" on CPU, "lax" on GPU/TPU. Chosen at trace time.
+    "auto" (the default, also read from $JAXNETS_CONV): "lax" on GPU/TPU; on CPU "dot", except that the forward without
+    a gradient of the float32 layers where XLA's convolution is faster runs as "lax" (`lax_forward_is_faster`).
+    Chosen at trace time.
     """
     strides = (int(strides[0]), int(strides[1]))
     padding = ((int(padding[0][0]), int(padding[0][1])), (int(padding[1][0]), int(padding[1][1])))
     _check_shapes(images, kernel, strides, padding)
     dtype = jnp.result_type(images, kernel)
     images, kernel = images.astype(dtype), kernel.astype(dtype)
-    if _resolve(implementation) == "lax":
+    requested = implementation or os.environ.get(IMPLEMENTATION_ENV) or "auto"
+    if _resolve(requested) == "lax":
         return _conv_lax(images, kernel, strides, padding, precision)
-    return _conv_dot(images, kernel, strides, padding, precision)
+    lax_forward = requested == "auto" and lax_forward_is_faster(images.shape, kernel.shape, strides, padding, dtype)
+    return _conv_dot(images, kernel, strides, padding, precision, lax_forward)
 
 
 def cpu_tuned() -> bool:
@@ -157,16 +161,40 @@ def patches(images: jax.Array, kernel_size: tuple[int, int], strides: tuple[int,
     return jnp.concatenate(rows, axis=3).reshape(batch, out_h, out_w, kernel_h * kernel_w * channels)
 
 
+# Without a gradient, XLA:CPU's own float32 convolution beats im2col + dot on a middle band of layers: stride 1, a
+# kernel wider than 1x1, an output grid at most 35 wide (the stem's larger grids run slower in lax) holding at least
+# 10,000 positions over the batch (it loses on fewer: 1.14-1.16x the time at 128 px, 13 and 28 wide, 32 images).
+# Inception3's Mixed_5 and Mixed_6 blocks at 299 px (35 and 17 wide) qualify: evaluation 0.85x the time. bfloat16
+# convolutions are slow in XLA:CPU (1.05x). Figures: README, Benchmarks, "lax in the middle of the network".
+LAX_FORWARD_WIDTH = 35
+LAX_FORWARD_POSITIONS = 10_000
+
+
+def lax_forward_is_faster(image_shape, kernel_shape, strides: tuple[int, int], padding: Padding, dtype) -> bool:
+    """Whether "auto" on CPU runs this layer's no-gradient forward as lax.conv (see LAX_FORWARD_WIDTH)."""
+    batch, height, width = image_shape[:3]
+    kernel_h, kernel_w = kernel_shape[:2]
+    if jnp.dtype(dtype) != jnp.float32 or strides != (1, 1) or (kernel_h, kernel_w) == (1, 1):
+        return False
+    out_h = _output_size(height, kernel_h, 1, padding[0])
+    out_w = _output_size(width, kernel_w, 1, padding[1])
+    return max(out_h, out_w) <= LAX_FORWARD_WIDTH and batch * out_h * out_w >= LAX_FORWARD_POSITIONS
+
+
 # Without a gradient, the columns are built for a slice of the batch at a time, none larger than this: the whole
 # batch's (e.g. 1.6 GB for each of the stem's 147x147 layers at batch 64, 3x299 px) were most of the no-gradient
 # forward's memory. Figures: README, Benchmarks.
 CHUNK_BYTES = 128 * 2**20
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_dot(images: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, precision) -> jax.Array:
-    """im2col + matrix products over slices of the batch (see CHUNK_BYTES); differentiated, the whole batch's at
-    once (_conv_dot_forward), as the backward's products need."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv_dot(
+    images: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, precision, lax_forward: bool
+) -> jax.Array:
+    """im2col + matrix products over slices of the batch (see CHUNK_BYTES), or lax's convolution if `lax_forward`;
+    differentiated, im2col for the whole batch at once (_conv_dot_forward), as the backward's products need."""
+    if lax_forward:
+        return _conv_lax(images, kernel, strides, padding, precision)
     chunk = _chunk(images.shape, kernel.shape, strides, padding, jnp.dtype(images.dtype).itemsize)
     return in_batch_slices(lambda part: _conv_dot_batch(part, kernel, strides, padding, precision), images, chunk)
 
@@ -205,11 +233,11 @@ def _conv_dot_batch(images: jax.Array, kernel: jax.Array, strides: tuple[int, in
     return _matmul(columns, weights, (3,), (0,), precision, images.dtype)
 
 
-def _conv_dot_forward(images, kernel, strides, padding, precision):
+def _conv_dot_forward(images, kernel, strides, padding, precision, lax_forward):
     return _conv_dot_batch(images, kernel, strides, padding, precision), (images, kernel)
 
 
-def _conv_dot_backward(strides, padding, precision, residuals, output_grad):
+def _conv_dot_backward(strides, padding, precision, lax_forward, residuals, output_grad):
     """Both gradients as matrix products, the transposes of the forward one.
 
     A custom rule rather than autodiff so bfloat16 stays bfloat16 into the dots: autodiff of a dot with float32

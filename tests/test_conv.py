@@ -233,3 +233,40 @@ def test_without_a_gradient_the_columns_are_built_a_slice_of_the_batch_at_a_time
     np.testing.assert_allclose(np.asarray(sliced(images, kernel)), np.asarray(reference), rtol=1e-4, atol=1e-4)
     gradient = jax.jit(jax.grad(lambda k: jnp.sum(forward(images, k) ** 2))).lower(kernel).as_text()
     assert "while" not in gradient  # the train step's program is the whole batch's
+
+
+@pytest.mark.parametrize(
+    "image_shape, kernel_shape, strides, padding, dtype, expected",
+    [
+        ((64, 35, 35, 96), (3, 3, 96, 96), (1, 1), ((1, 1), (1, 1)), jnp.float32, True),  # Mixed_5 at 299 px
+        ((64, 17, 17, 128), (1, 7, 128, 128), (1, 1), ((0, 0), (3, 3)), jnp.float32, True),  # Mixed_6 at 299 px
+        ((64, 35, 35, 96), (3, 3, 96, 96), (1, 1), ((1, 1), (1, 1)), jnp.bfloat16, False),  # bf16: slow in lax
+        ((64, 35, 35, 96), (3, 3, 96, 96), (2, 2), ((0, 0), (0, 0)), jnp.float32, False),  # strided
+        ((64, 35, 35, 96), (1, 1, 96, 96), (1, 1), ((0, 0), (0, 0)), jnp.float32, False),  # 1x1: no columns
+        ((32, 13, 13, 96), (3, 3, 96, 96), (1, 1), ((1, 1), (1, 1)), jnp.float32, False),  # 5,408 positions
+        ((1, 147, 147, 32), (3, 3, 32, 64), (1, 1), ((1, 1), (1, 1)), jnp.float32, False),  # the stem's grid
+    ],
+)
+def test_lax_forward_is_chosen_for_the_float32_middle_band(
+    image_shape, kernel_shape, strides, padding, dtype, expected
+):
+    assert conv.lax_forward_is_faster(image_shape, kernel_shape, strides, padding, dtype) is expected
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the band is a CPU choice; on GPU the default is lax")
+def test_auto_runs_the_middle_band_forward_as_lax_and_its_gradient_as_dots():
+    """On CPU "auto" evaluates a float32 layer of the band with XLA's convolution, the same values as im2col, while
+    its gradient (the train step) and an explicit "dot" stay im2col + matrix products."""
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.standard_normal((10, 35, 35, 4)), jnp.float32)  # 12,250 output positions
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 4, 8)) / 6, jnp.float32)
+    padding = ((1, 1), (1, 1))
+    auto = jax.jit(lambda x, w: conv2d(x, w, padding=padding))
+    dot = jax.jit(lambda x, w: conv2d(x, w, padding=padding, implementation="dot"))
+    assert "stablehlo.convolution" in auto.lower(images, kernel).as_text()
+    assert "stablehlo.convolution" not in dot.lower(images, kernel).as_text()
+    gradient = jax.jit(jax.grad(lambda w: jnp.sum(conv2d(images, w, padding=padding) ** 2)))
+    assert "stablehlo.convolution" not in gradient.lower(kernel).as_text()
+    np.testing.assert_allclose(np.asarray(auto(images, kernel)), np.asarray(dot(images, kernel)), rtol=1e-5, atol=1e-5)
+    small = images[:4]  # 4,900 positions: im2col
+    assert "stablehlo.convolution" not in auto.lower(small, kernel).as_text()
