@@ -70,10 +70,17 @@ def jax_worker(mode: str, batch: int, channels: int, size: int, precision: str) 
     from jaxnets.models import Inception3
 
     dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
-    model = Inception3(NUM_OUTPUTS, in_channels=channels, dtype=dtype, rngs=nnx.Rngs(0))
-    state = training.TrainState.create(model, optax.adam(1e-3))
+    tx = optax.adam(1e-3)
+
+    def new_state():
+        return training.TrainState.create(
+            Inception3(NUM_OUTPUTS, in_channels=channels, dtype=dtype, rngs=nnx.Rngs(0)), tx
+        )
+
     mesh = training.data_mesh()
-    state = training.replicate(state, mesh)
+    # As train.py: the train step compiles for the state's shapes before the weights are made (evaluate.py restores
+    # its weights first).
+    state = training.replicated_shapes(new_state, mesh) if mode == "train" else training.replicate(new_state(), mesh)
     rng = np.random.default_rng(0)
     data = training.shard_batch(
         {
@@ -93,6 +100,8 @@ def jax_worker(mode: str, batch: int, channels: int, size: int, precision: str) 
             compiled = training.make_eval_step(losses.mse).lower(state, data).compile()
     compile_seconds = time.perf_counter() - started
     host_memory.release_freed_memory()  # as train_and_evaluate does after compiling
+    if mode == "train":
+        state = training.replicate(new_state(), mesh)
 
     def run(n):
         nonlocal state

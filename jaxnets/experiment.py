@@ -468,11 +468,11 @@ def _check_saved_config(config: Config, saved: Config, workdir: str) -> None:
 
 
 def _lower_train_step(
-    config: Config, loss_fn: training.LossFn, steps_per_epoch: int, state: training.TrainState, batch, model: nnx.Module
+    config: Config, loss_fn: training.LossFn, steps_per_epoch: int, state: training.TrainState, batch
 ) -> Callable[[], Callable]:
-    """Traces the train step on a real batch, or reads its trace from the step cache (`jaxnets.step_cache`, beside
-    XLA's compilation cache): a wrong image size or channel count fails here, with the model's message and before
-    anything is written. Returns `compile()`, which gives the step later."""
+    """Traces the train step for the state's shapes and a real batch, or reads its trace from the step cache
+    (`jaxnets.step_cache`, beside XLA's compilation cache): a wrong image size or channel count fails here, with the
+    model's message and before anything is written. Returns `compile()`, which gives the step later."""
     cache = StepCache(config.compilation_cache) if config.compilation_cache and jax.process_count() == 1 else None
     try:
         with host_memory.collector_paused():
@@ -480,7 +480,7 @@ def _lower_train_step(
             return training.lower_train_step(loss_fn, state, batch, cache, shaped_by)
     except ValueError as error:
         raise RunError(
-            f"the {type(model).__name__} model cannot take this dataset's images "
+            f"the {type(state.model()).__name__} model cannot take this dataset's images "
             f"{tuple(batch['image'].shape[1:])}: {error}"
         ) from None
 
@@ -601,8 +601,14 @@ def train_and_evaluate(config: Config) -> dict:
             config_for_model = dataclasses.replace(config, init_from=None)
         else:
             config_for_model = config
-        model = build_model(config_for_model, dataset)
-        state = training.TrainState.create(model, build_optimizer(config, steps_per_epoch))
+        tx = optax.with_extra_args_support(build_optimizer(config, steps_per_epoch))  # one object: the same tree
+
+        def new_state() -> training.TrainState:
+            return training.TrainState.create(build_model(config_for_model, dataset), tx)
+
+        # The train step compiles for the state's shapes, and the weights are made after it: the compiler's memory
+        # and the state's never count towards the peak together (README, "Peak memory").
+        state_shapes = training.replicated_shapes(new_state, mesh)
         eval_step = training.make_eval_step(loss_fn)
         train_batches = functools.partial(
             pipeline.batches,
@@ -620,7 +626,7 @@ def train_and_evaluate(config: Config) -> dict:
         )
         example = next(iter(train_batches()))
     compile_train_step = _lower_train_step(
-        config, loss_fn, steps_per_epoch, training.replicate(state, mesh), training.shard_batch(example, mesh), model
+        config, loss_fn, steps_per_epoch, state_shapes, training.shard_batch(example, mesh)
     )
     # Everything is checked: only now is anything written to the workdir, by one run at a time.
     is_main = jax.process_index() == 0
@@ -628,19 +634,20 @@ def train_and_evaluate(config: Config) -> dict:
     with monitor.StopSignals() as stop:
         try:
             checkpointer = Checkpointer(workdir)
+            # Compile before the weights exist and give the compiler's freed memory back, so that neither the state
+            # nor the step's buffers count towards the peak memory together with it. The collector paused, as for
+            # the trace: loading the program from XLA's cache allocates enough to start full collections over
+            # everything alive.
+            with host_memory.collector_paused():
+                train_step = compile_train_step()
+            host_memory.release_freed_memory()
             state, first_epoch, start_batch, totals, history = _resume(
-                config, checkpointer, state, checked=saved is not None
+                config, checkpointer, new_state(), checked=saved is not None
             )
             if is_main:
                 config.save(workdir)
             writer = monitor.MetricWriter(workdir, history, enabled=is_main)
             state = training.replicate(state, mesh)
-            # Compile before the first step and give the compiler's freed memory back, so that it and the step's
-            # buffers do not both count towards the peak memory. The collector paused, as for the trace: loading
-            # the program from XLA's cache allocates enough to start full collections over everything alive.
-            with host_memory.collector_paused():
-                train_step = compile_train_step()
-            host_memory.release_freed_memory()
             record_base = {"targets": None if encoding is None else encoding.to_json()}
             data_wait = monitor.DataWait(config.read_threads)
             for epoch in range(first_epoch, config.epochs + 1):

@@ -209,6 +209,16 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
+def replicated_shapes(create: Callable[[], Any], mesh: Mesh) -> Any:
+    """What `replicate(create(), mesh)` would be, as shapes, dtypes and shardings only: `create` is traced, nothing is
+    allocated. A step lowered and compiled for these takes the real tree later, so the compiler's memory and the
+    state's need not be held at once."""
+    sharding = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), jax.eval_shape(create)
+    )
+
+
 def shard_batch(batch: Batch, mesh: Mesh) -> Batch:
     """This process's rows of a global batch -> global arrays split along the 'data' axis."""
     sharding = NamedSharding(mesh, PartitionSpec("data"))

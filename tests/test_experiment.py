@@ -96,6 +96,46 @@ def test_the_loss_and_lr_default_to_huber_and_1e_3_for_roulette_amplitudes_only(
         experiment.build_optimizer(config, 1)  # an unresolved config names the step it missed
 
 
+def test_the_train_step_compiles_before_the_weights_are_made(tmp_path, monkeypatch):
+    """The step is compiled for the state's shapes and the weights and Adam's moments are made after it, so the
+    compiler's memory and theirs never count towards the peak together (README, "Peak memory")."""
+    events = []
+    create = training.TrainState.create
+
+    def recorded_create(model, tx):
+        state = create(model, tx)
+        if not isinstance(jax.tree.leaves(state.params)[0], jax.core.Tracer):  # traced for the shapes: no weights
+            events.append("weights")
+        return state
+
+    lower = experiment._lower_train_step
+
+    def recorded_lower(*args):
+        compile_step = lower(*args)
+
+        def compiled():
+            step = compile_step()
+            events.append("compiled")
+            return step
+
+        return compiled
+
+    monkeypatch.setattr(training.TrainState, "create", recorded_create)
+    monkeypatch.setattr(experiment, "_lower_train_step", recorded_lower)
+    result = experiment.train_and_evaluate(tiny_config(tmp_path, epochs=1))
+    assert events == ["compiled", "weights"]
+    assert len(result["history"]) == 1 and np.isfinite(result["history"][0]["loss"])
+
+
+def test_images_the_model_cannot_take_are_refused_before_anything_is_written(tmp_path):
+    config = tiny_config(tmp_path, model="inception3")  # 32 px images: Inception3 needs 75
+    with pytest.raises(
+        experiment.RunError, match=r"the Inception3 model cannot take this dataset's images \(32, 32, 1\)"
+    ):
+        experiment.train_and_evaluate(config)
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_train_step_traces_with_the_garbage_collector_paused_and_restored_after(tmp_path, monkeypatch):
     seen = []
 
@@ -118,12 +158,12 @@ def test_the_train_step_traces_with_the_garbage_collector_paused_and_restored_af
     monkeypatch.setattr(step_cache.StepCache, "save", lambda *args: None)
     for cache in ("", str(tmp_path)):
         config = tiny_config(tmp_path, compilation_cache=cache)
-        experiment._lower_train_step(config, None, 6, None, {}, None)
+        experiment._lower_train_step(config, None, 6, None, {})
         with pytest.raises(ZeroDivisionError):
-            experiment._lower_train_step(config, None, 6, None, "bad", None)
+            experiment._lower_train_step(config, None, 6, None, "bad")
         gc.disable()  # a program that turned it off keeps it off
         try:
-            experiment._lower_train_step(config, None, 6, None, {}, None)
+            experiment._lower_train_step(config, None, 6, None, {})
             assert not gc.isenabled()
         finally:
             gc.enable()
