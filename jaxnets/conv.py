@@ -163,9 +163,9 @@ def patches(images: jax.Array, kernel_size: tuple[int, int], strides: tuple[int,
 
 # Without a gradient, XLA:CPU's own float32 convolution beats im2col + dot on a middle band of layers: stride 1, a
 # kernel wider than 1x1, an output grid at most 35 wide (the stem's larger grids run slower in lax) holding at least
-# 10,000 positions over the batch (it loses on fewer: 1.14-1.16x the time at 128 px, 13 and 28 wide, 32 images).
-# Inception3's Mixed_5 and Mixed_6 blocks at 299 px (35 and 17 wide) qualify: evaluation 0.85x the time. bfloat16
-# convolutions are slow in XLA:CPU (1.05x). Figures: README, Benchmarks, "lax in the middle of the network".
+# 10,000 positions over the batch (fewer lose: 1.14-1.16x the time with 5,408 and 3,136 at b32 1x128^2). Inception3's
+# Mixed_5 and Mixed_6 blocks at b64 3x299^2 qualify (evaluation 0.85-0.87x the time), Mixed_5 at b128 1x128^2 (0.89x).
+# bfloat16 convolutions are slow in XLA:CPU (1.05x). Figures: README, Benchmarks, "lax in the middle of the network".
 LAX_FORWARD_WIDTH = 35
 LAX_FORWARD_POSITIONS = 10_000
 
