@@ -56,7 +56,7 @@ def conv2d(
     _check_shapes(images, kernel, strides, padding)
     dtype = jnp.result_type(images, kernel)
     images, kernel = images.astype(dtype), kernel.astype(dtype)
-    requested = implementation or os.environ.get(IMPLEMENTATION_ENV) or "auto"
+    requested = _requested(implementation)
     if _resolve(requested) == "lax":
         return _conv_lax(images, kernel, strides, padding, precision)
     lax_forward = requested == "auto" and lax_forward_is_faster(images.shape, kernel.shape, strides, padding, dtype)
@@ -69,9 +69,14 @@ def cpu_tuned() -> bool:
     return _resolve(None) == "dot"
 
 
+def _requested(implementation: Implementation | None) -> str:
+    """The argument, else $JAXNETS_CONV, else "auto"."""
+    return implementation or os.environ.get(IMPLEMENTATION_ENV) or "auto"
+
+
 def _resolve(implementation: Implementation | None) -> str:
-    """ "lax" or "dot": the argument, else $JAXNETS_CONV, else "auto", which is "dot" on CPU only."""
-    implementation = implementation or os.environ.get(IMPLEMENTATION_ENV) or "auto"
+    """ "lax" or "dot" for what is requested (`_requested`): "auto" is "dot" on CPU only."""
+    implementation = _requested(implementation)
     if implementation not in ("auto", "lax", "dot"):
         raise ValueError(f"conv2d implementation must be 'auto', 'lax' or 'dot'; got {implementation!r}")
     if implementation == "auto":
