@@ -7,14 +7,15 @@ cold compile goes").
 
 The key holds everything the traced program can depend on: jaxnets' own source, the versions of the libraries that
 trace it, the devices, the structure of the inputs (the model's graph and static attributes included) and the shape,
-dtype and sharding of each, the environment variables of jaxnets, JAX and XLA, and what the caller names as having
-shaped the step (train.py: its options). Not in it: module constants changed at run time (a script that sets
-`jaxnets.conv.CHUNK_BYTES` should go without the cache). A file that cannot be read or written is a miss, with a
-warning: the step is traced as it would be without the cache.
+dtype and sharding of each, the environment variables of jaxnets, JAX and XLA, the module constants of jaxnets as
+they are when the key is made (a script may set `jaxnets.models.layers.BATCHNORM_MOMENTUM`), and what the caller names
+as having shaped the step (train.py: its options). A file that cannot be read or written is a miss, with a warning:
+the step is traced as it would be without the cache.
 """
 
 import functools
 import hashlib
+import importlib
 import importlib.metadata
 import json
 import os
@@ -25,12 +26,26 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 from jax import export
 
-FORMAT = 1  # raise when what a file holds, or how the key is made, changes
+FORMAT = 2  # raise when what a file holds, or how the key is made, changes
 LIBRARIES = ("jax", "jaxlib", "flax", "optax", "numpy", "ml_dtypes")
 SUBDIRECTORY = "jaxnets-steps"
 ENVIRONMENT = ("JAXNETS_", "XLA_", "JAX_")  # variables that can change a trace ($JAXNETS_CONV, $XLA_FLAGS, ...)
+# Where the model, losses, optimiser and step are built: their module constants enter the key as they are at run time.
+TRACED_MODULES = (
+    "jaxnets.activations",
+    "jaxnets.conv",
+    "jaxnets.data.symmetry",
+    "jaxnets.data.targets",
+    "jaxnets.experiment",
+    "jaxnets.losses",
+    "jaxnets.models.inception",
+    "jaxnets.models.layers",
+    "jaxnets.models.mlp",
+    "jaxnets.training",
+)
 _ADDRESS = re.compile(r" at 0x[0-9a-f]+")  # function reprs in the static parts of a tree: the name stays
 
 
@@ -47,6 +62,35 @@ def _source_digest() -> str:
             with open(path, "rb") as file:
                 digest.update(file.read() + b"\0")
     return digest.hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    """A module constant as JSON the same in every process: sets sorted (their order follows string hashing, which
+    differs between processes), patterns and arrays by their content, anything else by its repr without addresses."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, set | frozenset):
+        return sorted((_plain(item) for item in value), key=repr)
+    if isinstance(value, tuple | list):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, re.Pattern):
+        return value.pattern
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return _ADDRESS.sub("", repr(value))
+
+
+def _module_constants() -> dict[str, Any]:
+    """The UPPER_CASE globals of the modules a train step is built from (TRACED_MODULES): values the source digest
+    cannot see when a script changes them at run time."""
+    return {
+        f"{name}.{constant}": _plain(value)
+        for name in TRACED_MODULES
+        for constant, value in sorted(vars(importlib.import_module(name)).items())
+        if constant.isupper() and not constant.startswith("_")
+    }
 
 
 def _version(library: str) -> str | None:
@@ -66,6 +110,7 @@ def step_key(inputs: Any, shaped_by: dict, compiler_options: dict | None = None)
         "source": _source_digest(),
         "devices": [str(device) + device.device_kind for device in jax.devices()],
         "processes": jax.process_count(),
+        "constants": _module_constants(),
         "environment": {name: value for name, value in os.environ.items() if name.startswith(ENVIRONMENT)},
         "x64": jax.config.jax_enable_x64,
         "matmul_precision": str(jax.config.jax_default_matmul_precision),

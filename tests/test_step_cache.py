@@ -1,6 +1,10 @@
 """The traced train step kept on disk (jaxnets.step_cache): the same program as the jitted step, found again only
 under the same key, and never in the way of a run."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +15,7 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from conftest import tiny_config
 from jaxnets import experiment, losses, step_cache, training
-from jaxnets.models import MLP
+from jaxnets.models import MLP, layers
 
 
 def mlp_state(hidden=(8,), lr=1e-2):
@@ -69,6 +73,39 @@ def test_the_key_follows_jaxnets_source_and_the_variables_that_change_a_trace(mo
     assert changed != key
     monkeypatch.setattr(step_cache, "_source_digest", lambda: "edited")
     assert step_cache.step_key(inputs, {}) not in {key, changed}
+
+
+def test_the_key_follows_module_constants_changed_at_run_time(monkeypatch):
+    """A script that sets a constant the step is built from gets its own program, not the one traced before."""
+    inputs = (mlp_state(), a_batch())
+    key = step_cache.step_key(inputs, {})
+    monkeypatch.setattr(layers, "BATCHNORM_MOMENTUM", 0.99)
+    momentum = step_cache.step_key(inputs, {})
+    monkeypatch.setattr(training, "AUX_LOSS_WEIGHT", 0.3)
+    assert len({key, momentum, step_cache.step_key(inputs, {})}) == 3
+    monkeypatch.undo()
+    assert step_cache.step_key(inputs, {}) == key
+
+
+def test_the_key_is_the_same_in_another_process_with_other_string_hashes():
+    """Sets among the constants (e.g. data.symmetry.INVARIANTS) iterate in an order set by string hashing, which
+    Python seeds per process; a key that followed it would miss on every run."""
+    script = (
+        "import sys; sys.path.insert(0, 'tests'); "
+        "from test_step_cache import mlp_state, a_batch; from jaxnets import step_cache; "
+        "print(step_cache.step_key((mlp_state(), a_batch()), {'lr': 0.01}))"
+    )
+    keys = {
+        subprocess.run(
+            [sys.executable, "-c", script],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for seed in ("1", "2")
+    }
+    assert keys == {step_cache.step_key((mlp_state(), a_batch()), {"lr": 0.01})}
 
 
 def test_a_damaged_or_missing_file_is_a_miss_and_an_unwritable_folder_a_warning(tmp_path):
