@@ -7,8 +7,12 @@ them by kernel kind. With --option, the step is also compiled with those compile
 are stepped alternately, medians of --rounds (the first compile in a process pays for its warm-up: run once with
 --option-first to compile the option's program first).
 
-    python bench/compile_time.py --precision f32                                        # the anatomy
+    python bench/compile_time.py --precision f32 --slowest 12                           # the anatomy
     python bench/compile_time.py --precision bf16 --option xla_backend_optimization_level=1
+
+XLA's CPU switches in `xla_backend_extra_options` (xla_cpu_disable_loop_unrolling, xla_cpu_optimize_for_size) are
+not accepted as per-program options: set them for the whole process,
+`XLA_FLAGS=--xla_backend_extra_options=xla_cpu_disable_loop_unrolling`, and compare runs with and without.
 """
 
 import os
@@ -37,6 +41,7 @@ from jaxnets.models import Inception3  # noqa: E402
 
 # XLA's timer lines end "time: 28.4 ms (28354 us) (cumulative: ...)": the microseconds are read.
 KERNEL = re.compile(r"Compiled LLVM module: __compute_module_(\S+?)(?:\.\d+)?_kernel_module time: [^(]*\((\d+) us\)")
+NAMED_KERNEL = re.compile(r"Compiled LLVM module: __compute_module_(\S+?)_kernel_module time: [^(]*\((\d+) us\)")
 PASSES = re.compile(r"Running HLO passes on \[jit_train_step\] for CPU time: [^(]*\((\d+) us\)")
 CODEGEN = re.compile(r"Compiling \[jit_train_step\] for CPU using JIT time: [^(]*\((\d+) us\)")
 
@@ -62,6 +67,17 @@ def anatomy(log: str) -> dict:
     }
 
 
+def slowest(log: str, hlo: str, count: int) -> list[dict]:
+    """The `count` kernels of the train step whose LLVM compile took longest, with the shape each one writes."""
+    log = log[max(log.rfind("Running HLO passes on [jit_train_step]"), 0) :]
+    shapes = dict(re.findall(r"^\s*(?:ROOT )?%(\S+) = (\S+) ", hlo, re.M))
+    timed = sorted(((int(microseconds), kernel) for kernel, microseconds in NAMED_KERNEL.findall(log)), reverse=True)
+    return [
+        {"kernel": kernel, "llvm_ms": microseconds // 1000, "writes": shapes.get(kernel, "?").split("{")[0]}
+        for microseconds, kernel in timed[:count]
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--precision", default="f32", choices=("f32", "bf16"))
@@ -71,6 +87,7 @@ def main() -> None:
     parser.add_argument("--option-first", action="store_true", help="compile the option's program first")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="steps per timed block")
+    parser.add_argument("--slowest", type=int, default=0, help="list this many kernels, slowest LLVM compile first")
     args = parser.parse_args()
     try:
         options = dict(option.split("=", 1) for option in args.option)
@@ -115,6 +132,8 @@ def main() -> None:
         "compile_s": {name: round(value, 2) for name, value in seconds.items()},
         "anatomy_of_first": anatomy(first_log),
     }
+    if args.slowest:
+        result["slowest_kernels_of_first"] = slowest(first_log, compiled[order[0]].as_text(), args.slowest)
     if len(compiled) > 1:
         for name in compiled:  # warm-up
             jax.block_until_ready(compiled[name](state, batch))

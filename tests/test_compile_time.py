@@ -40,3 +40,20 @@ def test_the_train_steps_compile_is_summed_by_kernel_kind():
 def test_a_log_without_the_timers_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="no timer lines for jit_train_step"):
         compile_time.anatomy("I1203 cpu_compiler.cc:2091] Compiling: jit_train_step\n")
+
+
+def test_the_slowest_kernels_are_named_with_the_shape_they_write():
+    hlo = """\
+  %pad_slice_fusion = f32[5408,864]{1,0} fusion(%p.1), kind=kLoop, calls=%fused_computation.3
+  %multiply_add_fusion.7 = f32[192]{0} fusion(%p.2, %p.3), kind=kLoop, calls=%fused_computation.9
+  ROOT %pad_slice_fusion.192 = bf16[1152,720]{1,0} fusion(%p.4), kind=kLoop, calls=%fused_computation.4
+"""
+    assert compile_time.slowest(LOG, hlo, 2) == [
+        {"kernel": "multiply_add_fusion.7", "llvm_ms": 1200, "writes": "f32[192]"},
+        {"kernel": "pad_slice_fusion", "llvm_ms": 93, "writes": "f32[5408,864]"},
+    ]
+    assert [row["writes"] for row in compile_time.slowest(LOG, hlo, 5)] == [
+        "f32[192]",
+        "f32[5408,864]",
+        "bf16[1152,720]",
+    ]
