@@ -15,11 +15,11 @@ the step is traced as it would be without the cache.
 
 import functools
 import hashlib
-import importlib
 import importlib.metadata
 import json
 import os
 import re
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -83,12 +83,14 @@ def _plain(value: Any) -> Any:
 
 
 def _module_constants() -> dict[str, Any]:
-    """The UPPER_CASE globals of the modules a train step is built from (TRACED_MODULES): values the source digest
-    cannot see when a script changes them at run time."""
+    """The UPPER_CASE globals of the modules a train step is built from (TRACED_MODULES), those loaded: values the
+    source digest cannot see when a script changes them at run time. A module not loaded holds its source's values
+    (and importing it here would add its import to the compile's time)."""
     return {
         f"{name}.{constant}": _plain(value)
         for name in TRACED_MODULES
-        for constant, value in sorted(vars(importlib.import_module(name)).items())
+        if name in sys.modules
+        for constant, value in sorted(vars(sys.modules[name]).items())
         if constant.isupper() and not constant.startswith("_")
     }
 
