@@ -40,20 +40,30 @@ from jaxnets import conv, host_memory, losses, training  # noqa: E402
 from jaxnets.models import Inception3  # noqa: E402
 
 # XLA's timer lines end "time: 28.4 ms (28354 us) (cumulative: ...)": the microseconds are read.
-KERNEL = re.compile(r"Compiled LLVM module: __compute_module_(\S+?)(?:\.\d+)?_kernel_module time: [^(]*\((\d+) us\)")
-NAMED_KERNEL = re.compile(r"Compiled LLVM module: __compute_module_(\S+?)_kernel_module time: [^(]*\((\d+) us\)")
+KERNEL = re.compile(r"Compiled LLVM module: __compute_module_(\S+?)_kernel_module time: [^(]*\((\d+) us\)")
 PASSES = re.compile(r"Running HLO passes on \[jit_train_step\] for CPU time: [^(]*\((\d+) us\)")
 CODEGEN = re.compile(r"Compiling \[jit_train_step\] for CPU using JIT time: [^(]*\((\d+) us\)")
+
+
+def _train_step_log(log: str) -> str:
+    """The log from the train step's compile on: programs compiled before it left out."""
+    return log[max(log.rfind("Running HLO passes on [jit_train_step]"), 0) :]
+
+
+def _kernels(log: str) -> list[tuple[str, int]]:
+    """(kernel, microseconds) of each kernel LLVM compiled in the log."""
+    return [(kernel, int(microseconds)) for kernel, microseconds in KERNEL.findall(log)]
 
 
 def anatomy(log: str) -> dict:
     """The train step's compile from XLA's log: HLO passes, the rest of the compile (IR emission and LLVM, seconds
     of wall clock), and the kernels' LLVM compiles summed over threads, in all and per kernel kind."""
-    log = log[max(log.rfind("Running HLO passes on [jit_train_step]"), 0) :]  # programs compiled before it left out
+    log = _train_step_log(log)
     kernels = collections.defaultdict(lambda: [0, 0.0])
-    for kind, microseconds in KERNEL.findall(log):
+    for kernel, microseconds in _kernels(log):
+        kind = re.sub(r"\.\d+$", "", kernel)  # pad_slice_fusion.192 is a pad_slice_fusion
         kernels[kind][0] += 1
-        kernels[kind][1] += int(microseconds) / 1e6
+        kernels[kind][1] += microseconds / 1e6
     passes, codegen = PASSES.search(log), CODEGEN.search(log)
     if passes is None or codegen is None:
         raise ValueError("XLA's log has no timer lines for jit_train_step (TF_CPP_VMODULE unset, or a new format)")
@@ -69,9 +79,8 @@ def anatomy(log: str) -> dict:
 
 def slowest(log: str, hlo: str, count: int) -> list[dict]:
     """The `count` kernels of the train step whose LLVM compile took longest, with the shape each one writes."""
-    log = log[max(log.rfind("Running HLO passes on [jit_train_step]"), 0) :]
     shapes = dict(re.findall(r"^\s*(?:ROOT )?%(\S+) = (\S+) ", hlo, re.M))
-    timed = sorted(((int(microseconds), kernel) for kernel, microseconds in NAMED_KERNEL.findall(log)), reverse=True)
+    timed = sorted(((microseconds, kernel) for kernel, microseconds in _kernels(_train_step_log(log))), reverse=True)
     return [
         {"kernel": kernel, "llvm_ms": microseconds // 1000, "writes": shapes.get(kernel, "?").split("{")[0]}
         for microseconds, kernel in timed[:count]
