@@ -46,6 +46,26 @@ TRACED_MODULES = (
     "jaxnets.models.mlp",
     "jaxnets.training",
 )
+# Modules with constants that only the host reads, outside the step (files, data loading, reports): left out of the
+# key. Every module with UPPER_CASE constants is in one list or the other (tests/test_step_cache.py checks), so a new
+# one has to be placed.
+HOST_MODULES = (
+    "jaxnets.checkpoint",
+    "jaxnets.config",
+    "jaxnets.convert",
+    "jaxnets.data",
+    "jaxnets.data.cosmosim",
+    "jaxnets.data.lens",
+    "jaxnets.data.pipeline",
+    "jaxnets.data.simulate",
+    "jaxnets.evaluation",
+    "jaxnets.host_memory",
+    "jaxnets.metrics",
+    "jaxnets.models",
+    "jaxnets.monitor",
+    "jaxnets.step_cache",
+    "jaxnets.workdir_lock",
+)
 _ADDRESS = re.compile(r" at 0x[0-9a-f]+")  # function reprs in the static parts of a tree: the name stays
 
 

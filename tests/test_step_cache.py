@@ -1,7 +1,9 @@
 """The traced train step kept on disk (jaxnets.step_cache): the same program as the jitted step, found again only
 under the same key, and never in the way of a run."""
 
+import importlib
 import os
+import pkgutil
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ import pytest
 from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
+import jaxnets
 from conftest import tiny_config
 from jaxnets import experiment, losses, step_cache, training
 from jaxnets.models import MLP, layers
@@ -85,6 +88,21 @@ def test_the_key_follows_module_constants_changed_at_run_time(monkeypatch):
     assert len({key, momentum, step_cache.step_key(inputs, {})}) == 3
     monkeypatch.undo()
     assert step_cache.step_key(inputs, {}) == key
+
+
+def test_every_module_with_constants_is_placed_in_or_out_of_the_key():
+    """A new module whose constants shape the step would be left out of the key, and a script that changes one
+    would get the program traced before: each module with UPPER_CASE constants is listed as traced or host-only."""
+    modules = {"jaxnets"} | {module.name for module in pkgutil.walk_packages(jaxnets.__path__, "jaxnets.")}
+    with_constants = {
+        name
+        for name in modules
+        if any(constant.isupper() and not constant.startswith("_") for constant in vars(importlib.import_module(name)))
+    }
+    traced, host = set(step_cache.TRACED_MODULES), set(step_cache.HOST_MODULES)
+    assert not traced & host
+    assert with_constants - traced - host == set()
+    assert traced | host <= modules  # no stale names
 
 
 def test_the_key_is_the_same_in_another_process_with_other_string_hashes():
