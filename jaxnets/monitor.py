@@ -10,6 +10,7 @@ import time
 import warnings
 from collections.abc import Iterator
 
+import jax
 from tqdm import tqdm
 
 from jaxnets import training
@@ -72,7 +73,9 @@ class Progress:
     """One epoch's progress bar, and whether to go on: call it after every step as train_epoch's on_step.
 
     Every CHECK_EVERY steps it shows the running loss and images/s and, with stop_on_nan, stops at a NaN/Inf
-    loss; after any step it stops once a signal has been received.
+    loss; after any step it stops once a signal has been received. Each call first waits for the step queued before
+    this one, so the bar moves as the steps finish, not as they are queued (up to CHECK_EVERY of them at once), while
+    the device always has the next step to run.
     """
 
     def __init__(self, config: Config, epoch: int, start_batch: int, total: int, stop: StopSignals, *, show: bool):
@@ -92,8 +95,11 @@ class Progress:
         )
         pause = os.environ.get(PAUSE_AT_STEP_ENV)
         self.pause_at = int(pause) if pause else None
+        self.queued = None  # the metrics of the step queued last (the state's own arrays are donated to the next)
 
     def __call__(self, state: training.TrainState, totals: training.Metrics) -> bool:
+        jax.block_until_ready(self.queued)
+        self.queued = totals
         self.batch += 1
         self.bar.update(1)
         if self.pause_at is not None and int(state.step) == self.pause_at:

@@ -331,6 +331,28 @@ def test_a_slow_data_source_warns_once_naming_read_threads(tmp_path, data_dir, m
     assert re.search(r"waited on data for \d+% of epoch \d's training time.*raise --read-threads \(now 2\)", waits[0])
 
 
+def test_the_progress_bar_moves_as_steps_finish_not_as_they_are_queued():
+    """JAX queues steps without waiting for them: a bar advanced at each call raced CHECK_EVERY steps ahead, then
+    stood still while the device caught up. After each call the step queued before the last one has finished."""
+
+    @jax.jit
+    def slow_step(x):  # tens of milliseconds: far longer than queueing it
+        for _ in range(4):
+            x = jax.numpy.tanh(x @ x)
+        return x, {"loss": x.sum(), "count": jax.numpy.float32(1)}
+
+    progress = monitor.Progress(Config(), 1, 0, 6, monitor.StopSignals(), show=False)
+    x, queued, finished = jax.numpy.eye(1024) * 0.5, [], []
+    jax.block_until_ready(slow_step(x))  # compiled before the timed calls
+    for _ in range(6):
+        x, metrics = slow_step(x)
+        assert progress(None, metrics)
+        queued.append(metrics)
+        finished.append([m["loss"].is_ready() for m in queued[:-1]])
+    progress.close()
+    assert all(all(done) for done in finished), finished
+
+
 RSS_PROBE = """
 import json, os, sys
 from jaxnets import experiment, monitor
