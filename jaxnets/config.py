@@ -92,6 +92,13 @@ class Config:
         "symmetries), its targets moved with it (xiX/xiY turn, the amplitudes alpha/beta[m][s] turn by s times the "
         "angle); refused for targets without such a rule",
     )
+    pixel_scale: str = _option(
+        "linear",
+        "how 8-bit pixel values v become the network's input: linear (v / 255) or log (log(1 + v) / log 256, which "
+        "spreads faint light such as CosmoSim's lensed arcs over a third to a half of the range)",
+        ("linear", "log"),
+        resume=True,
+    )
     # Model
     model: str = _option("inception3", "the network", ("inception3", "mlp"), resume=True)
     hidden: tuple[int, ...] = _option((512, 256), "mlp: comma-separated hidden layer sizes", resume=True)

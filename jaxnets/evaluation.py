@@ -139,7 +139,9 @@ def evaluate_run(
     eval_step = training.make_eval_step(loss_fn, with_predictions=True)
     views = SYMMETRIES if symmetry is not None else SYMMETRIES[:1]
     counts = []
-    batches = pipeline.batches(dataset, split, config.batch_size, train=False, encoding=encoding)
+    batches = pipeline.batches(
+        dataset, split, config.batch_size, train=False, encoding=encoding, pixel_scale=config.pixel_scale
+    )
     result = training.evaluate(state, _in_every_view(batches, views, counts), eval_step, mesh, with_predictions=True)
     view_predictions = per_view(result["predictions"], counts, len(views))
     for key in ("targets", "index"):  # the same in every view

@@ -620,9 +620,16 @@ def train_and_evaluate(config: Config) -> dict:
             encoding=encoding,
             augment=_augment_rule(config, dataset),
             read_threads=config.read_threads,
+            pixel_scale=config.pixel_scale,
         )
         validation_batches = functools.partial(
-            pipeline.batches, dataset, "validation", config.batch_size, train=False, encoding=encoding
+            pipeline.batches,
+            dataset,
+            "validation",
+            config.batch_size,
+            train=False,
+            encoding=encoding,
+            pixel_scale=config.pixel_scale,
         )
         example = next(iter(train_batches()))
     compile_train_step = _lower_train_step(

@@ -7,6 +7,7 @@ import pytest
 
 from conftest import tiny_config
 from jaxnets import evaluation, experiment, training
+from jaxnets.data import pipeline
 
 
 def test_classification_run_reports_accuracy_and_confusion(tmp_path):
@@ -31,6 +32,17 @@ def test_ema_run_validates_and_evaluates_with_the_average(tmp_path, monkeypatch)
     assert report["validation_loss"] == min(h["validation_loss"] for h in history)
     assert report["loss"] == pytest.approx(report["validation_loss"], rel=1e-5)
     monkeypatch.setattr(training, "with_ema_params", lambda state: state)  # the raw weights instead
+    assert evaluation.evaluate_run(config.workdir, split="validation")["loss"] != pytest.approx(
+        report["loss"], rel=1e-3
+    )
+
+
+def test_evaluation_reads_the_images_on_the_run_s_pixel_scale(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path, pixel_scale="log")
+    history = experiment.train_and_evaluate(config)["history"]
+    report = evaluation.evaluate_run(config.workdir, split="validation")
+    assert report["loss"] == pytest.approx(min(h["validation_loss"] for h in history), rel=1e-5)
+    monkeypatch.setitem(pipeline.PIXEL_SCALES, "log", pipeline.PIXEL_SCALES["linear"])  # the other scale instead
     assert evaluation.evaluate_run(config.workdir, split="validation")["loss"] != pytest.approx(
         report["loss"], rel=1e-3
     )

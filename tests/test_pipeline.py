@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from jaxnets.data import Dataset, Examples, load_dataset, split_off
-from jaxnets.data.pipeline import batches, destandardize, num_batches
+from jaxnets.data.pipeline import PIXEL_SCALES, batches, destandardize, num_batches
 
 NUM_EXAMPLES = 23
 
@@ -120,6 +120,21 @@ def test_classification_batches_have_int32_labels():
     np.testing.assert_array_equal(batch["label"], batch["index"] % 3)
     with pytest.raises(ValueError, match="target_stats\\(\\) is for regression"):
         dataset.target_stats()
+
+
+def test_pixel_scales_linear_and_log():
+    """The toy images hold their example number: linear is v / 255 as the float32 product it always was; log is
+    log(1 + v) / log(256): 3 -> 1/4, 15 -> 1/2, 255 -> 1."""
+    dataset = toy_dataset()
+    pixel = np.arange(NUM_EXAMPLES)
+    (linear,) = batches(dataset, "train", NUM_EXAMPLES, train=False)
+    np.testing.assert_array_equal(linear["image"][:, 0, 0, 0], pixel.astype(np.float32) * np.float32(1 / 255))
+    (log,) = batches(dataset, "train", NUM_EXAMPLES, train=False, pixel_scale="log")
+    np.testing.assert_allclose(log["image"][:, 0, 0, 0], np.log1p(pixel) / np.log(256), rtol=1e-6)
+    assert log["image"][3, 0, 0, 0] == pytest.approx(0.25) and log["image"][15, 0, 0, 0] == pytest.approx(0.5)
+    assert log["image"].dtype == np.float32 and PIXEL_SCALES["log"][255] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="pixel_scale must be one of linear, log; got 'sqrt'"):
+        batches(dataset, "train", 5, train=False, pixel_scale="sqrt")
 
 
 def test_bad_requests_raise_clear_errors():
