@@ -111,6 +111,16 @@ def test_runs_saved_before_target_weights_and_angle_axes_keep_their_encoding(tmp
     assert {"target_weights", "angle_axes"} <= set(Config.resume_fields())
 
 
+def test_runs_saved_before_the_pixel_scale_keep_linear_pixels(tmp_path):
+    """CosmoSim runs now default to the log scale; one saved before the option existed was trained on v / 255."""
+    values = json.loads(Config().to_json())
+    assert values["pixel_scale"] is None  # a new run: the dataset's default
+    del values["pixel_scale"]
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    assert Config.load(str(tmp_path)).pixel_scale == "linear"
+    assert "pixel_scale" in Config.resume_fields()
+
+
 def test_load_explains_missing_or_foreign_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         Config.load(str(tmp_path))

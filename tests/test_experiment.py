@@ -188,8 +188,8 @@ def test_a_run_saves_the_data_defaults_it_trained_with_and_keeps_them(tmp_path, 
     config = tiny_config(tmp_path, epochs=1, lr=None)
     experiment.train_and_evaluate(config)
     saved = Config.load(config.workdir)
-    written = ("mse", 0.0, ("theta:2.0",), ("theta:sigma2/sigma",), 2e-3)
-    assert (saved.loss, saved.dropout, saved.target_weights, saved.angle_axes, saved.lr) == written
+    written = ("mse", 0.0, ("theta:2.0",), ("theta:sigma2/sigma",), 2e-3, "linear")
+    assert (saved.loss, saved.dropout, saved.target_weights, saved.angle_axes, saved.lr, saved.pixel_scale) == written
     monkeypatch.setattr(experiment, "default_loss", lambda dataset: "l1")
     monkeypatch.setattr(experiment, "default_lr", lambda dataset: 0.5)
     assert experiment.loss_function(saved, experiment.load_data(saved)) is losses.mse
@@ -235,6 +235,16 @@ def test_rotations_apply_to_cosmosim_targets_with_rules_and_are_refused_elsewher
         experiment._augment_rule(Config(augment=True), cases[2][0])
     with pytest.raises(experiment.RunError, match="--augment: rotations and mirrors apply to regression on CosmoSim"):
         experiment._augment_rule(Config(augment=True), cases[3][0])
+
+
+def test_the_pixel_scale_defaults_to_log_for_cosmosim_images_only():
+    def dataset(name):
+        return Dataset(name=name, task="regression", splits={}, image_shape=(8, 8, 1), target_names=("x",))
+
+    cosmosim, lens = dataset("csv:sie"), dataset("lens")
+    assert [experiment.with_data_defaults(Config(), d).pixel_scale for d in (cosmosim, lens)] == ["log", "linear"]
+    assert experiment.with_data_defaults(Config(pixel_scale="linear"), cosmosim).pixel_scale == "linear"
+    assert experiment.with_data_defaults(Config(pixel_scale="log"), lens).pixel_scale == "log"
 
 
 def test_polar_amplitudes_pair_the_roulette_targets_and_are_refused_without_them():

@@ -157,9 +157,12 @@ def test_a_second_run_reads_its_traced_step_and_trains_the_same(tmp_path, monkey
     assert traced == 1 and len(list((tmp_path / "cache" / step_cache.SUBDIRECTORY).iterdir())) == 1
     second, traced = run_counting_traces(tmp_path, monkeypatch, "second")
     assert traced == 0 and second == first
-    # Another seed is other arrays, not another program; another learning rate is another program.
+    # Another seed is other arrays, and another pixel scale other batches, not another program; another learning
+    # rate is another program.
     _, traced = run_counting_traces(tmp_path, monkeypatch, "seed", seed=1)
     assert traced == 0
+    log_pixels, traced = run_counting_traces(tmp_path, monkeypatch, "log", pixel_scale="log")
+    assert traced == 0 and log_pixels != first
     other_lr, traced = run_counting_traces(tmp_path, monkeypatch, "lr", lr=TINY_LR / 2)
     assert traced == 1 and other_lr != first
     without_cache = experiment.train_and_evaluate(
