@@ -28,7 +28,9 @@ for the run's start and the four evaluations (at most --epochs, else 40).
 
 On CPU each problem trains at 128 px on 3,000 images for 10 epochs, sie on 6,000 for 5 with --augment (each
 image turned or mirrored at random): the setting that measured best within 20 minutes (README, "Where it
-stands"). Extra train.py options go after `--`: `... -- --precision bf16`, `-- --no-augment`.
+stands"). The pixels reach the network on a log scale, train.py's default for CosmoSim images (README, "Faint light
+on a log scale"). Extra train.py options go after `--`: `... -- --precision bf16`, `-- --no-augment`,
+`-- --pixel-scale linear`.
 """
 
 import argparse
