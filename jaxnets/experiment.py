@@ -126,8 +126,8 @@ def default_lr(dataset: data_lib.Dataset) -> float:
 
 
 def default_pixel_scale(dataset: data_lib.Dataset) -> str:
-    """log for CosmoSim's images, whose lensed arcs are mostly a few of 255 (it lowered the test loss on all three of
-    the group's problems: README, "Faint light on a log scale"); linear, the lecture's, for other data."""
+    """log for CosmoSim's images, whose lensed arcs are mostly a few of 255 (it lifted 23 of 24 R² means over the
+    group's three problems: README, "Faint light on a log scale"); linear, the lecture's, for other data."""
     return "log" if _is_cosmosim(dataset) else "linear"
 
 
