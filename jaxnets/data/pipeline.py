@@ -153,7 +153,8 @@ def batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Batches of one epoch of `split` as numpy arrays.
 
-    Yields {"image": float32 [b, H, W, C] in [0, 1] (the uint8 values on the pixel_scale of PIXEL_SCALES), "target":
+    Yields {"image": float32 [b, H, W, C] in [0, 1] (the uint8 values on the pixel_scale of PIXEL_SCALES; train.py
+    passes experiment.default_pixel_scale(dataset) unless told: log for CosmoSim's images), "target":
     float32 [b, P] (regression; standardised with standardize=(mean, std)) or "label": int32 [b] (classification),
     "mask": float32 [b], "index": int32 [b] (example index in the split, -1 on padding)},
     b = batch_size / process count.
