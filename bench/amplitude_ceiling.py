@@ -20,7 +20,8 @@ import sys
 import numpy as np
 import pandas as pd
 
-AMPLITUDE_PREFIXES = ("alpha[", "beta[")
+from jaxnets.data.cosmosim import ROULETTE_AMPLITUDE
+
 THRESHOLDS = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)
 
 
@@ -57,7 +58,7 @@ def read_simulation(folder: str) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]
     params = pd.read_csv(os.path.join(folder, "params.csv"))
     roulette = pd.read_csv(os.path.join(folder, "roulette.csv"))
     roulette = roulette.set_index("filename").loc[params["filename"]].reset_index()
-    names = [c for c in roulette.columns if c.startswith(AMPLITUDE_PREFIXES) and roulette[c].std() > 0]
+    names = [c for c in roulette.columns if ROULETTE_AMPLITUDE.fullmatch(c) and roulette[c].std() > 0]
     if not names:
         raise ValueError(f"{folder}/roulette.csv has no varying roulette amplitudes")
     return params, roulette, names
