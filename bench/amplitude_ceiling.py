@@ -1,14 +1,14 @@
 """How high the roulette amplitudes' mean R² can go when the smallest lens configurations are not resolved.
 
 A roulette amplitude of order m is a derivative of the lens potential at the image point, and near a lens centre it
-grows like the lens's strength over the distance to that centre to the power m: the rare images whose image point lies
-a few pixels from a lens centre hold most of each high-order amplitude's variance (README, "What decides the
-amplitudes of orders 2–4"). This reads a CosmoSim simulation (the params.csv and roulette.csv that `python -m
+grows like the lens's strength over the distance to that centre to the power m: the rare images whose image point lies a
+few pixels from a lens centre hold most of each high-order amplitude's variance (docs/cosmosim_runs.md, "What decides
+the amplitudes of orders 2–4"). This reads a CosmoSim simulation (the params.csv and roulette.csv that `python -m
 CosmoSim` or `train.py --simulate` wrote), finds for each image the distance from the image point (xiX, xiY) to the
-nearest lens centre, in pixels of the network's input (CosmoSim's pixels divided by crop size / image size), and
-for each threshold reports the ceiling: the mean R² over the amplitudes of a predictor that is exact on every image
-whose distance is at least the threshold and, on the images under it, knows only that they are under it (it predicts
-their mean). A network that cannot resolve the configurations under the threshold cannot beat that ceiling.
+nearest lens centre, in pixels of the network's input (CosmoSim's pixels divided by crop size / image size), and for
+each threshold reports the ceiling: the mean R² over the amplitudes of a predictor that is exact on every image whose
+distance is at least the threshold and, on the images under it, knows only that they are under it (it predicts their
+mean). A network that cannot resolve the configurations under the threshold cannot beat that ceiling.
 
     python bench/amplitude_ceiling.py data/cosmosim_simulated/sie_<hash> [--crop-size 256 --image-size 128]
 """

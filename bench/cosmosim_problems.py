@@ -14,9 +14,9 @@ angles) and MAE, the uniform mean as they compute it, the mean over the identifi
 over the amplitudes, beside their figure. What the simulation records besides sie's targets (the SIE lens's
 Einstein radius, ellipse ratio and orientation, the source's polar position) is trained alongside as auxiliary
 targets, with sigma weighed 2, and reported apart, out of every mean: it lifts every mean of sie by 0.016–0.044 on
-two seeds (README, "Auxiliary targets"); --no-auxiliary trains the problem's targets alone. A Sersic-sphere
-source has no sigma2 or theta to see: those are reported, flagged, and kept out of the means over identifiable
-parameters (they stay in the uniform mean, as in theirs).
+two seeds (docs/cosmosim_runs.md, "Auxiliary targets"); --no-auxiliary trains the problem's targets alone. A
+Sersic-sphere source has no sigma2 or theta to see: those are reported, flagged, and kept out of the means over
+identifiable parameters (they stay in the uniform mean, as in theirs).
 
     python bench/cosmosim_problems.py --problems sie,cluster4,cluster2                                # CPU
     python bench/cosmosim_problems.py --image-size 256 --num-train 10000 --num-validation 1000 \\
@@ -28,8 +28,8 @@ for the run's start and the four evaluations (at most --epochs, else 40).
 
 On CPU each problem trains at 128 px on 3,000 images for 10 epochs, sie on 6,000 for 5 with --augment (each
 image turned or mirrored at random): the setting that measured best within 20 minutes (README, "Where it
-stands"). The pixels reach the network on a log scale, train.py's default for CosmoSim images (README, "Faint light
-on a log scale"). Extra train.py options go after `--`: `... -- --precision bf16`, `-- --no-augment`,
+stands"). The pixels reach the network on a log scale, train.py's default for CosmoSim images (docs/cosmosim_runs.md,
+"Faint light on a log scale"). Extra train.py options go after `--`: `... -- --precision bf16`, `-- --no-augment`,
 `-- --pixel-scale linear`.
 """
 
@@ -44,7 +44,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AMPLITUDES = "alpha[*][*],beta[*][*]"
 # --time-budget: what the run after the calibration needs besides its epochs (its start and compile from the cache,
-# the four evaluations), with a margin; measured in README, "sie at their setting on one GPU".
+# the four evaluations), with a margin; measured in docs/cosmosim_runs.md, "sie at their setting on one GPU".
 RESERVE_SECONDS = 180
 MOST_EPOCHS = 40  # --time-budget without --epochs
 
@@ -58,8 +58,8 @@ class Problem:
     their_epoch: int  # the epoch it was reached
     their_epochs: int  # the epochs they ran
     # What the simulation records besides the targets, trained alongside them (--auxiliary, the default) and kept
-    # out of every mean: the amplitudes are functions of the lens and the source position (README, "Auxiliary
-    # targets"); with them, the --target-weights that keep a fragile target learned.
+    # out of every mean: the amplitudes are functions of the lens and the source position (docs/cosmosim_runs.md,
+    # "Auxiliary targets"); with them, the --target-weights that keep a fragile target learned.
     auxiliary: tuple[str, ...] = ()
     auxiliary_weights: tuple[str, ...] = ()
     # The CPU setting, where --num-train and --epochs are not given: what fits 20 minutes of training on the
@@ -79,8 +79,9 @@ PROBLEMS = {
         12,
         12,
         auxiliary=("einsteinradius", "ellipseratio", "orientation", "R", "phi"),
-        auxiliary_weights=("sigma:2",),  # beside them, sigma unweighted collapsed in 2 runs of 3 (README)
-        # Twice the images for half the epochs, on random views: identifiable mean +0.05 on both splits (README).
+        # Beside them, sigma unweighted collapsed in 2 runs of 3; twice the images for half the epochs, on random views:
+        # identifiable mean +0.05 on both splits (docs/cosmosim_runs.md).
+        auxiliary_weights=("sigma:2",),
         num_train=6000,
         epochs=5,
         options=("--augment",),

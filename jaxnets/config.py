@@ -85,15 +85,15 @@ class Config:
         True, "regression: train on targets standardised with the training split's mean/std", resume=True
     )
     # At the CPU budget (10 epochs) training on moved images did not beat evaluate.py's averaging over them alone
-    # (README "The CosmoAI group's problems", rotations and mirrors): an option, not the default.
+    # (docs/cosmosim_runs.md, "Rotations and mirrors"): an option, not the default.
     augment: bool = _option(
         False,
         "regression on CosmoSim data: train on each image rotated or mirrored at random (one of the square's 8 "
         "symmetries), its targets moved with it (xiX/xiY turn, the amplitudes alpha/beta[m][s] turn by s times the "
         "angle); refused for targets without such a rule",
     )
-    # On CosmoSim's images the log scale lifted 23 of 24 R² means over the group's three problems (README, "Faint
-    # light on a log scale"); the lens dataset's measured recipe keeps linear.
+    # On CosmoSim's images the log scale lifted 23 of 24 R² means over the group's three problems
+    # (docs/cosmosim_runs.md, "Faint light on a log scale"); the lens dataset's measured recipe keeps linear.
     pixel_scale: str | None = _option(
         None,
         "how 8-bit pixel values v become the network's input: linear (v / 255) or log (log(1 + v) / log 256, which "

@@ -170,7 +170,8 @@ def patches(images: jax.Array, kernel_size: tuple[int, int], strides: tuple[int,
 # kernel wider than 1x1, an output grid at most 35 wide (the stem's larger grids run slower in lax) holding at least
 # 10,000 positions over the batch (fewer lose: 1.14-1.16x the time with 5,408 and 3,136 at b32 1x128^2). Inception3's
 # Mixed_5 and Mixed_6 blocks at b64 3x299^2 qualify (evaluation 0.85-0.87x the time), Mixed_5 at b128 1x128^2 (0.89x).
-# bfloat16 convolutions are slow in XLA:CPU (1.05x). Figures: README, Benchmarks, "lax in the middle of the network".
+# bfloat16 convolutions are slow in XLA:CPU (1.05x). Figures: docs/cpu_performance.md, "lax in the middle of the
+# network".
 LAX_FORWARD_WIDTH = 35
 LAX_FORWARD_POSITIONS = 10_000
 

@@ -111,7 +111,7 @@ def loss_function(config: Config, dataset: data_lib.Dataset) -> training.LossFn:
 def default_loss(dataset: data_lib.Dataset) -> str:
     """Cross-entropy for classification; for regression MSE, or Huber when the targets include CosmoSim's roulette
     amplitudes: their heavy tails (1 % of the rows hold most of a high-order amplitude's variance) would take over
-    MSE's gradient (README, "The CosmoAI group's problems")."""
+    MSE's gradient (docs/cosmosim_runs.md, "With the Huber loss")."""
     if dataset.task == "classification":
         return "cross_entropy"
     if _has_roulette_amplitudes(dataset):
@@ -121,13 +121,15 @@ def default_loss(dataset: data_lib.Dataset) -> str:
 
 def default_lr(dataset: data_lib.Dataset) -> float:
     """2e-3, the lens run's (README, "The default run"); 1e-3 when the targets include CosmoSim's roulette
-    amplitudes, where it fits them better on every problem measured (README, "The CosmoAI group's problems")."""
+    amplitudes, where it fits them better on every problem measured (docs/cosmosim_runs.md, "The learning rate for
+    roulette amplitudes")."""
     return 1e-3 if _has_roulette_amplitudes(dataset) else 2e-3
 
 
 def default_pixel_scale(dataset: data_lib.Dataset) -> str:
     """log for CosmoSim's images, whose lensed arcs are mostly a few of 255 (it lifted 23 of 24 R² means over the
-    group's three problems: README, "Faint light on a log scale"); linear, the lecture's, for other data."""
+    group's three problems: docs/cosmosim_runs.md, "Faint light on a log scale"); linear, the lecture's, for other
+    data."""
     return "log" if _is_cosmosim(dataset) else "linear"
 
 
@@ -627,7 +629,7 @@ def train_and_evaluate(config: Config) -> dict:
             return training.TrainState.create(build_model(config_for_model, dataset), tx)
 
         # The train step compiles for the state's shapes, and the weights are made after it: the compiler's memory
-        # and the state's never count towards the peak together (README, "Peak memory").
+        # and the state's never count towards the peak together (docs/cpu_performance.md, "Peak memory").
         state_shapes = training.replicated_shapes(new_state, mesh)
         eval_step = training.make_eval_step(loss_fn)
         train_batches = functools.partial(

@@ -2,8 +2,8 @@
 
 Every process traces its train step anew (Inception3: 1.8 s), lowers it (0.55 s), and only then finds the compiled
 program in XLA's persistent cache (1.5 s). `jax.export` serialises the lowered program: a later run whose step has
-the same key reads it back in milliseconds, and XLA's cache still supplies the compiled program (README, "Where the
-cold compile goes").
+the same key reads it back in milliseconds, and XLA's cache still supplies the compiled program
+(docs/cpu_performance.md, "The traced step kept on disk").
 
 The key holds everything the traced program can depend on: jaxnets' own source, the versions of the libraries that
 trace it, the devices, the structure of the inputs (the model's graph and static attributes included) and the shape,

@@ -98,7 +98,7 @@ def test_the_loss_and_lr_default_to_huber_and_1e_3_for_roulette_amplitudes_only(
 
 def test_the_train_step_compiles_before_the_weights_are_made(tmp_path, monkeypatch):
     """The step is compiled for the state's shapes and the weights and Adam's moments are made after it, so the
-    compiler's memory and theirs never count towards the peak together (README, "Peak memory")."""
+    compiler's memory and theirs never count towards the peak together (docs/cpu_performance.md, "Peak memory")."""
     events = []
     create = training.TrainState.create
 

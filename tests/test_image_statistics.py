@@ -1,4 +1,4 @@
-"""bench/image_statistics.py: the simple-statistics baseline the README compares the networks with."""
+"""bench/image_statistics.py: the simple-statistics baseline docs/cosmosim_runs.md compares the networks with."""
 
 import csv
 import importlib.util

@@ -57,7 +57,7 @@ SIGMA2_RATIO_RANGE = (0.5, 1.0)
 THETA_RANGE = (0.0, np.pi)
 # The loss weights train.py uses on this dataset (--target-weights): with theta's cos and sin weighing 1 like the
 # other targets, the default run learns theta poorly (21 degrees off without dropout, ~40 with it; chance 45);
-# weighing 2, it learns it to ~3 degrees and every other target too (README, "The default run"). Without lensing
+# weighing 2, it learns it to ~3 degrees and every other target too (docs/default_run.md). Without lensing
 # theta is learned at weight 1: the lens makes it the hard target.
 LOSS_WEIGHTS = ("theta:2",)
 # And theta is trained as the source's ellipticity 1 - sigma2/sigma times (cos, sin) (--angle-axes): a round source

@@ -23,8 +23,8 @@ READ_THREADS = Config().read_threads  # the run's default (--read-threads)
 PREFETCH_BATCHES = 4
 # How 8-bit pixel values become the network's input (--pixel-scale), as a table indexed by the value: "linear" v / 255,
 # "log" log(1 + v) / log(256), 0 to 1 either way. In CosmoSim's images 82-95 % of the lit pixels are under 16 of 255,
-# the lensed arcs among them: the log scale maps 1-15 to 0.125-0.5 instead of 0.004-0.059 (README, "Faint light on a
-# log scale").
+# the lensed arcs among them: the log scale maps 1-15 to 0.125-0.5 instead of 0.004-0.059 (docs/cosmosim_runs.md,
+# "Faint light on a log scale").
 PIXEL_SCALES = {
     "linear": np.arange(256, dtype=np.float32) * np.float32(1 / 255),
     "log": (np.log1p(np.arange(256, dtype=np.float64)) / np.log(256.0)).astype(np.float32),

@@ -27,7 +27,7 @@ MIN_IMAGE_SIZE_AUX = 299
 # In eval mode on CPU the stem (the layers before Mixed_5b) runs over slices of the batch whose widest im2col
 # columns (Conv2d_2b's) take at most this: the whole batch's stem activations at 147x147 were most of the evaluation's
 # memory, and the slices run faster too. Each image's result is the same: BatchNorm uses its running statistics.
-# Figures: README, Benchmarks ("The stem in slices").
+# Figures: docs/cpu_performance.md, "The stem in slices".
 STEM_SLICE_BYTES = 32 * 2**20
 
 # transform_input: torchvision maps inputs normalised with ImageNet's mean/std to the (x - 0.5) / 0.5 scaling
