@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from jaxnets.data.cosmosim import ROULETTE_AMPLITUDE
+from jaxnets.data.cosmosim import ROULETTE_AMPLITUDE, cluster_lenses
 
 THRESHOLDS = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)
 
@@ -30,7 +30,7 @@ def lens_centres(params: pd.DataFrame) -> np.ndarray:
     an einsteinradius column), or the x/y of each lens of the `cluster` column ('SIE/x/y/radius/...;SIS/x/y/...')."""
     if "cluster" not in params:
         return np.zeros((len(params), 1, 2))
-    lenses = [[entry.split("/")[1:3] for entry in cluster.split(";")] for cluster in params["cluster"]]
+    lenses = [[fields[1:3] for fields in cluster_lenses(cell)] for cell in params["cluster"]]
     if len({len(row) for row in lenses}) != 1:
         raise ValueError("every image must have the same number of lenses")
     return np.asarray(lenses, dtype=np.float64)

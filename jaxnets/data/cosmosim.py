@@ -76,6 +76,12 @@ def cluster_parameter(name: str) -> str:
     return match.group(1) if match else name
 
 
+def cluster_lenses(cell: str) -> list[list[str]]:
+    """The lenses of a `cluster` cell as CosmoSim writes it, `MODEL/x/y/einsteinradius[/ellipseratio/orientation]`
+    joined by `;`: each lens's fields as written (an SIS has no ellipse), in CosmoSim's order."""
+    return [spec.split("/") for spec in cell.split(";") if spec.strip()]
+
+
 def load_image(path: str | Path, size: int | None = None) -> np.ndarray:
     """Reads any image Pillow can open as one 8-bit channel: uint8 [H, W, 1], or [size, size, 1] resized with
     an antialiasing (Lanczos) filter."""
@@ -191,7 +197,7 @@ def _with_cluster_columns(table: _Table) -> _Table:
     added: dict[str, None] = {}
     for row in table.rows:
         text, name, line = row.setdefault("cluster", ("", table.paths[0].name, 0))  # absent: a file lacks the row
-        lenses = [spec.split("/")[3:] for spec in text.split(";") if spec.strip()]
+        lenses = [fields[3:] for fields in cluster_lenses(text)]
         radii = [_number(fields[0]) if fields else None for fields in lenses]
         if None not in radii:  # numbered by decreasing Einstein radius; CosmoSim's order where one is unreadable
             lenses = [lens for _, lens in sorted(zip(radii, lenses, strict=True), key=lambda pair: -pair[0])]
