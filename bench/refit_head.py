@@ -1,0 +1,148 @@
+"""The last layer of a trained run's head refitted by least squares on its frozen features: does the network know more
+than its Huber-trained last layer says?
+
+R² scores squared errors, and the roulette amplitudes' rare large values decide it; the Huber loss these targets train
+with (docs/cosmosim_runs.md, "With the Huber loss") bounds what each of those rows pulls, and so shrinks what the last
+layer predicts for them. This script keeps every weight of a run but the last Linear of its head, computes the features
+that layer reads (the head's last hidden layer, eval mode) for the training split, in each of the square's 8 rotations
+and mirrors with the targets moved alike (`--train-views 1`: as the images are), solves ridge least squares from them to
+the encoded targets for several ridges, picks the one with the best validation R² over every target, reports validation
+and test as `evaluate.py` does by default for CosmoSim data (8 views averaged), beside the run as trained. With
+`--problem` the means are bench/cosmosim_problems.py's (uniform, identifiable, amplitudes).
+
+    python bench/refit_head.py RUN_DIR --problem sie      # RUN_DIR: a workdir of bench/cosmosim_problems.py
+"""
+
+import argparse
+import dataclasses
+import functools
+import json
+import time
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxnets import metrics, training
+from jaxnets.checkpoint import Checkpointer
+from jaxnets.config import Config
+from jaxnets.data import pipeline
+from jaxnets.data.symmetry import SYMMETRIES, transform_images
+from jaxnets.data.targets import TargetEncoding
+from jaxnets.experiment import build_model, build_optimizer, load_data, setup_jax, target_symmetry
+from jaxnets.models import MLP
+
+RIDGES = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+class _Features(nnx.Module):
+    """Stands where the last Linear was: the model then returns what that layer read."""
+
+    def __call__(self, x):
+        return x
+
+
+def without_last_layer(model: nnx.Module) -> nnx.Linear:
+    """Takes the last Linear out of an MLP or an Inception3 (its fc, or its head's last layer), in place; returns it."""
+    if isinstance(model, MLP):
+        layers = model.layers
+    elif isinstance(model.fc, nnx.Linear):
+        last, model.fc = model.fc, _Features()
+        return last
+    else:
+        layers = model.fc.layers
+    last, layers[-1] = layers[-1], _Features()
+    return last
+
+
+def ridge_fit(features: np.ndarray, targets: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+    """Least squares targets ≈ features @ kernel + bias with a ridge on the kernel, scaled by the mean eigenvalue of
+    the centred features' Gram matrix (so it does not depend on their scale): features [N, F], targets [N, T] ->
+    kernel [F, T], bias [T], in float64."""
+    x, y = np.asarray(features, np.float64), np.asarray(targets, np.float64)
+    x_mean, y_mean = x.mean(axis=0), y.mean(axis=0)
+    xc = x - x_mean
+    gram = xc.T @ xc
+    penalty = ridge * np.trace(gram) / gram.shape[0]
+    kernel = np.linalg.lstsq(gram + penalty * np.eye(gram.shape[0]), xc.T @ (y - y_mean), rcond=None)[0]
+    return kernel, y_mean - x_mean @ kernel
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("workdir")
+    parser.add_argument("--problem", help="the bench/cosmosim_problems.py problem, for its means")
+    parser.add_argument("--train-views", type=int, default=8, choices=(1, 8))
+    parser.add_argument("--out", help="write the report here as JSON")
+    args = parser.parse_args()
+
+    config = Config.load(args.workdir)
+    setup_jax(config)
+    dataset = load_data(config)
+    checkpointer = Checkpointer(args.workdir, read_only=True)
+    template = training.TrainState.create(
+        build_model(dataclasses.replace(config, init_from=None), dataset), build_optimizer(config, 1)
+    )
+    step = checkpointer.best_step()
+    state, record = checkpointer.restore(template, step)
+    encoding = TargetEncoding.from_json(record["targets"])
+    symmetry = target_symmetry(dataset)
+    model = training.with_ema_params(state).model(train=False)
+    last = without_last_layer(model)
+    trained = np.asarray(last.kernel[...], np.float64), np.asarray(last.bias[...], np.float64)
+    features = nnx.jit(lambda model, images: model(images).astype(jnp.float32))
+
+    def read(split: str, views) -> tuple[list[np.ndarray], np.ndarray]:
+        """The split's features in each view, and its raw targets."""
+        per_view, true = [[] for _ in views], []
+        for batch in pipeline.batches(
+            dataset, split, config.batch_size, train=False, encoding=encoding, pixel_scale=config.pixel_scale
+        ):
+            real = np.asarray(batch["mask"]) > 0
+            true.append(np.asarray(batch["raw_target"])[real])
+            for rows, view in zip(per_view, views, strict=True):
+                rows.append(np.asarray(features(model, transform_images(batch["image"], view)))[real])
+        return [np.concatenate(rows) for rows in per_view], np.concatenate(true)
+
+    started = time.perf_counter()
+    train_views = SYMMETRIES[: args.train_views]
+    train_features, train_true = read("train", train_views)
+    splits = {split: read(split, SYMMETRIES) for split in ("validation", "test")}
+    print(f"features of every split in {time.perf_counter() - started:.0f} s", flush=True)
+    encoded = encoding.encode(train_true)
+    x = np.concatenate(train_features)
+    y = np.concatenate([encoding.move(encoded, functools.partial(symmetry.apply, matrix=v)) for v in train_views])
+
+    means = lambda parameters: {"mean R²": float(np.nanmean([p["r2"] for p in parameters.values()]))}  # noqa: E731
+    if args.problem:
+        from cosmosim_problems import PROBLEMS, summarize  # bench/ is on sys.path when run as a script
+
+        means = lambda parameters: summarize({"parameters": parameters}, PROBLEMS[args.problem])  # noqa: E731
+
+    def scored(split: str, kernel: np.ndarray, bias: np.ndarray) -> dict:
+        views, true = splits[split]
+        outputs = symmetry.average_outputs(encoding, [f @ kernel + bias for f in views], SYMMETRIES)
+        report = metrics.regression_report(
+            true, encoding.decode(outputs), dataset.target_names, periods=encoding.periods
+        )
+        return {"means": means(report["parameters"]), "r2": {n: p["r2"] for n, p in report["parameters"].items()}}
+
+    results = {"as trained": {split: scored(split, *trained) for split in splits}}
+    for ridge in RIDGES:
+        fitted = ridge_fit(x, y, ridge)
+        results[f"ridge {ridge:g}"] = {split: scored(split, *fitted) for split in splits}
+    key = lambda name: np.nansum(list(results[name]["validation"]["r2"].values()))  # noqa: E731
+    best = max((name for name in results if name != "as trained"), key=key)
+    for name, result in results.items():
+        shown = {split: {k: round(v, 3) for k, v in result[split]["means"].items()} for split in splits}
+        print(f"{name:12s} {'(chosen on validation) ' if name == best else ''}{shown}", flush=True)
+    for split in splits:
+        before, after = results["as trained"][split]["r2"], results[best][split]["r2"]
+        print(split, "R², as trained -> refit:", {n: f"{before[n]:.3f} -> {after[n]:.3f}" for n in before})
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"workdir": args.workdir, "step": int(step), "chosen": best, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
