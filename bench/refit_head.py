@@ -28,7 +28,7 @@ from jaxnets.checkpoint import Checkpointer
 from jaxnets.config import Config
 from jaxnets.data import pipeline
 from jaxnets.data.symmetry import SYMMETRIES, transform_images
-from jaxnets.data.targets import TargetEncoding
+from jaxnets.evaluation import _saved_encoding
 from jaxnets.experiment import build_model, build_optimizer, load_data, setup_jax, target_symmetry
 from jaxnets.models import MLP
 
@@ -55,17 +55,20 @@ def without_last_layer(model: nnx.Module) -> nnx.Linear:
     return last
 
 
-def ridge_fit(features: np.ndarray, targets: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
-    """Least squares targets ≈ features @ kernel + bias with a ridge on the kernel, scaled by the mean eigenvalue of
-    the centred features' Gram matrix (so it does not depend on their scale): features [N, F], targets [N, T] ->
-    kernel [F, T], bias [T], in float64."""
+def ridge_fits(features: np.ndarray, targets: np.ndarray, ridges) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Least squares targets ≈ features @ kernel + bias with a ridge on the kernel, for each ridge, scaled by the mean
+    eigenvalue of the centred features' Gram matrix (so it does not depend on their scale): features [N, F], targets
+    [N, T] -> one (kernel [F, T], bias [T]) per ridge, in float64. The Gram matrix is computed once for all."""
     x, y = np.asarray(features, np.float64), np.asarray(targets, np.float64)
     x_mean, y_mean = x.mean(axis=0), y.mean(axis=0)
     xc = x - x_mean
-    gram = xc.T @ xc
-    penalty = ridge * np.trace(gram) / gram.shape[0]
-    kernel = np.linalg.lstsq(gram + penalty * np.eye(gram.shape[0]), xc.T @ (y - y_mean), rcond=None)[0]
-    return kernel, y_mean - x_mean @ kernel
+    gram, moment = xc.T @ xc, xc.T @ (y - y_mean)
+    scale = np.trace(gram) / gram.shape[0]
+    fits = []
+    for ridge in ridges:
+        kernel = np.linalg.lstsq(gram + ridge * scale * np.eye(gram.shape[0]), moment, rcond=None)[0]
+        fits.append((kernel, y_mean - x_mean @ kernel))
+    return fits
 
 
 def main() -> None:
@@ -85,7 +88,7 @@ def main() -> None:
     )
     step = checkpointer.best_step()
     state, record = checkpointer.restore(template, step)
-    encoding = TargetEncoding.from_json(record["targets"])
+    encoding = _saved_encoding(record, dataset)  # as evaluate.py reads it, runs saved before angles too
     symmetry = target_symmetry(dataset)
     model = training.with_ema_params(state).model(train=False)
     last = without_last_layer(model)
@@ -113,11 +116,16 @@ def main() -> None:
     x = np.concatenate(train_features)
     y = np.concatenate([encoding.move(encoded, functools.partial(symmetry.apply, matrix=v)) for v in train_views])
 
-    means = lambda parameters: {"mean R²": float(np.nanmean([p["r2"] for p in parameters.values()]))}  # noqa: E731
+    problem = None
     if args.problem:
         from cosmosim_problems import PROBLEMS, summarize  # bench/ is on sys.path when run as a script
 
-        means = lambda parameters: summarize({"parameters": parameters}, PROBLEMS[args.problem])  # noqa: E731
+        problem = PROBLEMS[args.problem]
+
+    def means(parameters: dict) -> dict:
+        if problem is None:
+            return {"mean R²": float(np.nanmean([p["r2"] for p in parameters.values()]))}
+        return summarize({"parameters": parameters}, problem)
 
     def scored(split: str, kernel: np.ndarray, bias: np.ndarray) -> dict:
         views, true = splits[split]
@@ -128,8 +136,7 @@ def main() -> None:
         return {"means": means(report["parameters"]), "r2": {n: p["r2"] for n, p in report["parameters"].items()}}
 
     results = {"as trained": {split: scored(split, *trained) for split in splits}}
-    for ridge in RIDGES:
-        fitted = ridge_fit(x, y, ridge)
+    for ridge, fitted in zip(RIDGES, ridge_fits(x, y, RIDGES), strict=True):
         results[f"ridge {ridge:g}"] = {split: scored(split, *fitted) for split in splits}
     key = lambda name: np.nansum(list(results[name]["validation"]["r2"].values()))  # noqa: E731
     best = max((name for name in results if name != "as trained"), key=key)

@@ -24,7 +24,7 @@ def test_without_a_ridge_a_linear_map_is_recovered_exactly():
     rng = np.random.default_rng(0)
     features = rng.normal(size=(200, 6)) * [1, 10, 100, 0.1, 1, 1]  # scales far apart
     kernel, bias = rng.normal(size=(6, 3)), rng.normal(size=3)
-    fitted_kernel, fitted_bias = refit_head.ridge_fit(features, features @ kernel + bias, 0.0)
+    fitted_kernel, fitted_bias = refit_head.ridge_fits(features, features @ kernel + bias, [0.0])[0]
     np.testing.assert_allclose(fitted_kernel, kernel, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(fitted_bias, bias, rtol=1e-8, atol=1e-10)
 
@@ -32,11 +32,14 @@ def test_without_a_ridge_a_linear_map_is_recovered_exactly():
 def test_a_large_ridge_leaves_the_targets_mean():
     rng = np.random.default_rng(1)
     features, targets = rng.normal(size=(100, 4)), rng.normal(size=(100, 2)) + [5.0, -3.0]
-    kernel, bias = refit_head.ridge_fit(features, targets, 1e9)
+    kernel, bias = refit_head.ridge_fits(features, targets, [1e9])[0]
     assert np.abs(kernel).max() < 1e-8
     np.testing.assert_allclose(bias, targets.mean(axis=0), atol=1e-6)
     # The ridge is relative to the features' own scale: scaling them scales the kernel back, the fit is the same.
-    small, scaled = refit_head.ridge_fit(features, targets, 0.1), refit_head.ridge_fit(1000 * features, targets, 0.1)
+    small, scaled = (
+        refit_head.ridge_fits(features, targets, [0.1])[0],
+        refit_head.ridge_fits(1000 * features, targets, [0.1])[0],
+    )
     np.testing.assert_allclose(scaled[0] * 1000, small[0], rtol=1e-8)
 
 
