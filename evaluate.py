@@ -21,6 +21,7 @@ def evaluate(args: argparse.Namespace) -> int:
         split=args.split,
         data_dir=args.data_dir,
         tta=args.tta,
+        refit=args.refit,
     )
     views = f", averaged over {summary['views']} rotations and mirrors" if summary["views"] > 1 else ""
     print(f"{args.workdir}, {report.describe_checkpoint(summary)}, split {args.split}{views}:")
@@ -51,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         help="test-time augmentation: predict each image in all 8 of the square's rotations and mirrors, move the "
         "predictions back (xiX/xiY, angles and roulette amplitudes turn with the image) and average them "
         "(default: on for CosmoSim targets that all have such a rule and square images)",
+    )
+    parser.add_argument(
+        "--refit",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="use the last layer train.py refitted by least squares for the checkpoint (--refit-head), when it saved "
+        "one; --no-refit evaluates the layer as trained",
     )
     args = parser.parse_args(argv)
     from jaxnets import experiment  # after argument parsing, so --help is instant

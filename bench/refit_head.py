@@ -10,6 +10,9 @@ the encoded targets for several ridges, picks the one with the best validation R
 and test as `evaluate.py` does by default for CosmoSim data (8 views averaged), beside the run as trained. With
 `--problem` the means are bench/cosmosim_problems.py's (uniform, identifiable, amplitudes).
 
+`train.py --refit-head` (the default for CosmoSim data) does this at the end of a run with the training images as they
+are and keeps the best ridge (`jaxnets.refit`); this script shows every ridge, the test split, and 8 training views.
+
     python bench/refit_head.py RUN_DIR --problem sie      # RUN_DIR: a workdir of bench/cosmosim_problems.py
 """
 
@@ -19,9 +22,7 @@ import functools
 import json
 import time
 
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxnets import metrics, training
 from jaxnets.checkpoint import Checkpointer
@@ -30,45 +31,7 @@ from jaxnets.data import pipeline
 from jaxnets.data.symmetry import SYMMETRIES, transform_images
 from jaxnets.evaluation import _saved_encoding
 from jaxnets.experiment import build_model, build_optimizer, load_data, setup_jax, target_symmetry
-from jaxnets.models import MLP
-
-RIDGES = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-
-
-class _Features(nnx.Module):
-    """Stands where the last Linear was: the model then returns what that layer read."""
-
-    def __call__(self, x):
-        return x
-
-
-def without_last_layer(model: nnx.Module) -> nnx.Linear:
-    """Takes the last Linear out of an MLP or an Inception3 (its fc, or its head's last layer), in place; returns it."""
-    if isinstance(model, MLP):
-        layers = model.layers
-    elif isinstance(model.fc, nnx.Linear):
-        last, model.fc = model.fc, _Features()
-        return last
-    else:
-        layers = model.fc.layers
-    last, layers[-1] = layers[-1], _Features()
-    return last
-
-
-def ridge_fits(features: np.ndarray, targets: np.ndarray, ridges) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Least squares targets ≈ features @ kernel + bias with a ridge on the kernel, for each ridge, scaled by the mean
-    eigenvalue of the centred features' Gram matrix (so it does not depend on their scale): features [N, F], targets
-    [N, T] -> one (kernel [F, T], bias [T]) per ridge, in float64. The Gram matrix is computed once for all."""
-    x, y = np.asarray(features, np.float64), np.asarray(targets, np.float64)
-    x_mean, y_mean = x.mean(axis=0), y.mean(axis=0)
-    xc = x - x_mean
-    gram, moment = xc.T @ xc, xc.T @ (y - y_mean)
-    scale = np.trace(gram) / gram.shape[0]
-    fits = []
-    for ridge in ridges:
-        kernel = np.linalg.lstsq(gram + ridge * scale * np.eye(gram.shape[0]), moment, rcond=None)[0]
-        fits.append((kernel, y_mean - x_mean @ kernel))
-    return fits
+from jaxnets.refit import RIDGES, NormalEquations, last_layer, make_feature_step
 
 
 def main() -> None:
@@ -90,10 +53,10 @@ def main() -> None:
     state, record = checkpointer.restore(template, step)
     encoding = _saved_encoding(record, dataset)  # as evaluate.py reads it, runs saved before angles too
     symmetry = target_symmetry(dataset)
-    model = training.with_ema_params(state).model(train=False)
-    last = without_last_layer(model)
+    state = training.with_ema_params(state)
+    last = last_layer(state.model())
     trained = np.asarray(last.kernel[...], np.float64), np.asarray(last.bias[...], np.float64)
-    features = nnx.jit(lambda model, images: model(images).astype(jnp.float32))
+    feature_step = make_feature_step()
 
     def read(split: str, views) -> tuple[list[np.ndarray], np.ndarray]:
         """The split's features in each view, and its raw targets."""
@@ -104,7 +67,7 @@ def main() -> None:
             real = np.asarray(batch["mask"]) > 0
             true.append(np.asarray(batch["raw_target"])[real])
             for rows, view in zip(per_view, views, strict=True):
-                rows.append(np.asarray(features(model, transform_images(batch["image"], view)))[real])
+                rows.append(np.asarray(feature_step(state, {"image": transform_images(batch["image"], view)}))[real])
         return [np.concatenate(rows) for rows in per_view], np.concatenate(true)
 
     started = time.perf_counter()
@@ -136,7 +99,7 @@ def main() -> None:
         return {"means": means(report["parameters"]), "r2": {n: p["r2"] for n, p in report["parameters"].items()}}
 
     results = {"as trained": {split: scored(split, *trained) for split in splits}}
-    for ridge, fitted in zip(RIDGES, ridge_fits(x, y, RIDGES), strict=True):
+    for ridge, fitted in zip(RIDGES, NormalEquations.of(x, y).solve(RIDGES), strict=True):
         results[f"ridge {ridge:g}"] = {split: scored(split, *fitted) for split in splits}
     key = lambda name: np.nansum(list(results[name]["validation"]["r2"].values()))  # noqa: E731
     best = max((name for name in results if name != "as trained"), key=key)

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -61,6 +62,12 @@ def _drop_closed_loop_callbacks() -> None:
 
     hook.drops_closed_loop_callbacks = True
     sys.unraisablehook = hook
+
+
+def _first_line(error: BaseException) -> str:
+    """An orbax or tensorstore error in one line of at most 500 characters."""
+    text = str(error).strip()
+    return text.splitlines()[0][:500] if text else type(error).__name__
 
 
 def _saveable(state: TrainState) -> dict:
@@ -148,7 +155,7 @@ class Checkpointer:
 
     def _failed(self, error: BaseException) -> CheckpointSaveError:
         self._failure = True
-        message = str(error).strip().splitlines()[0][:500] if str(error).strip() else type(error).__name__
+        message = _first_line(error)
         return CheckpointSaveError(
             f"saving a checkpoint in {self.directory} failed: {message}. The checkpoints already there are "
             "intact; fix the cause (space, permissions, quota) and resume with the same command."
@@ -174,7 +181,7 @@ class Checkpointer:
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore())
             )
         except Exception as error:  # orbax/tensorstore raise many types for damaged or foreign files
-            message = str(error).strip().splitlines()[0][:500] if str(error).strip() else type(error).__name__
+            message = _first_line(error)
             raise ValueError(
                 f"checkpoint step {step} in {self.directory} does not match this model or is damaged: {message}"
             ) from None
@@ -221,3 +228,72 @@ class Checkpointer:
                 self.wait()
         finally:
             self.manager.close()
+
+
+REFIT_DIR = "refitted_last_layer"
+
+
+class RefitCheckpointer:
+    """The last layer of a checkpoint refitted by least squares (`jaxnets.refit`), in
+    `<workdir>/refitted_last_layer/<step>`: its kernel and bias beside a JSON record of how it was chosen. Only the
+    newest is kept; evaluation uses it for the checkpoint of the same step."""
+
+    def __init__(self, workdir: str, *, read_only: bool = False):
+        self.directory = os.path.abspath(os.path.join(workdir, REFIT_DIR))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=1, read_only=read_only, create=not read_only, cleanup_tmp_directories=not read_only
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, kernel: Any, bias: Any, record: dict) -> None:
+        """Writes the layer for checkpoint step (in place of one saved before for it) and waits until it is written;
+        CheckpointSaveError if it fails."""
+        layer = {"kernel": np.asarray(kernel, np.float32), "bias": np.asarray(bias, np.float32)}
+        try:
+            if step in self.steps():  # a damaged one: replaced
+                self.manager.delete(step)
+            self.manager.save(
+                step,
+                force=True,
+                args=ocp.args.Composite(layer=ocp.args.StandardSave(layer), record=ocp.args.JsonSave(record)),
+            )
+            self.manager.wait_until_finished()
+        except Exception as error:  # orbax and tensorstore raise many types for an unwritable folder
+            message = _first_line(error)
+            raise CheckpointSaveError(f"saving the refitted last layer in {self.directory} failed: {message}") from None
+
+    def restore(self, step: int) -> tuple[np.ndarray, np.ndarray, dict] | None:
+        """(kernel, bias, record) of the layer refitted for checkpoint step; None when there is none; ValueError when
+        it cannot be read."""
+        if step not in self.steps():
+            return None
+        _drop_closed_loop_callbacks()
+        try:
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(layer=ocp.args.StandardRestore(), record=ocp.args.JsonRestore())
+            )
+        except Exception as error:  # orbax/tensorstore raise many types for damaged files
+            message = _first_line(error)
+            raise ValueError(
+                f"the refitted last layer of step {step} in {self.directory} is damaged: {message}"
+            ) from None
+        layer = restored.layer
+        return np.asarray(layer["kernel"]), np.asarray(layer["bias"]), dict(restored.record)
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def read_refit(workdir: str, step: int) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """The last layer refitted for checkpoint step of the run in workdir, as `RefitCheckpointer.restore`; None when
+    the run has none."""
+    if not os.path.isdir(os.path.join(workdir, REFIT_DIR)):
+        return None
+    store = RefitCheckpointer(workdir, read_only=True)
+    try:
+        return store.restore(step)
+    finally:
+        store.close()

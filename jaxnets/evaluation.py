@@ -12,7 +12,7 @@ import numpy as np
 
 from jaxnets import data as data_lib
 from jaxnets import metrics, report, training
-from jaxnets.checkpoint import CHECKPOINT_DIR, Checkpointer
+from jaxnets.checkpoint import CHECKPOINT_DIR, Checkpointer, read_refit
 from jaxnets.config import Config
 from jaxnets.data import pipeline
 from jaxnets.data.symmetry import SYMMETRIES, transform_images
@@ -27,6 +27,7 @@ from jaxnets.experiment import (
     setup_jax,
     target_symmetry,
 )
+from jaxnets.refit import with_last_layer
 
 
 def _candidates(checkpointer: Checkpointer, which: str) -> list[int]:
@@ -49,6 +50,22 @@ def _saved_encoding(record: dict, dataset: data_lib.Dataset) -> TargetEncoding:
         return plain
     mean, std = (np.asarray(record[key], np.float32) for key in ("target_mean", "target_std"))
     return dataclasses.replace(plain, mean=mean, std=std)
+
+
+def _with_refitted_layer(
+    state: training.TrainState, workdir: str, step: int
+) -> tuple[training.TrainState, dict | None]:
+    """state with the last layer train.py refitted for checkpoint step (`jaxnets.refit`), and that refit's record;
+    (state, None) where there is none, or, with a warning, where it cannot be read or does not fit."""
+    try:
+        found = read_refit(workdir, step)
+        if found is None:
+            return state, None
+        kernel, bias, record = found
+        return with_last_layer(state, kernel, bias), record
+    except ValueError as error:
+        warnings.warn(f"{error}; evaluating the last layer as trained", stacklevel=2)
+        return state, None
 
 
 def _in_every_view(batches: Iterable[dict], views: list[np.ndarray], counts: list[int]) -> Iterator[dict]:
@@ -79,13 +96,17 @@ def evaluate_run(
     split: str = "test",
     data_dir: str | None = None,
     tta: bool | None = None,
+    refit: bool = True,
 ) -> dict:
     """The no-grad test loop on a saved run: rebuilds model and data from the workdir's config,
     restores a checkpoint (step, or the best / latest), writes eval_<split>.json,
     predictions_<split>.csv and predictions_<split>.png, and returns the report.
 
     tta (test-time augmentation): predict each image in all 8 of the square's rotations and mirrors, move each
-    prediction back and average them (default: when the targets have such a rule, CosmoSim data)."""
+    prediction back and average them (default: when the targets have such a rule, CosmoSim data).
+
+    refit: evaluate with the last layer train.py refitted by least squares for this checkpoint (--refit-head), when
+    it saved one; False: the layer as trained."""
     if not os.path.isdir(workdir):
         raise RunError(f"workdir {workdir!r} does not exist: train first (python train.py --workdir ...)")
     if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
@@ -135,7 +156,10 @@ def evaluate_run(
     validation_loss = checkpointer.validation_loss(step)
     mesh = training.data_mesh()
     encoding = _saved_encoding(record, dataset) if dataset.task == "regression" else None
-    state = training.replicate(training.with_ema_params(state), mesh)
+    state, last_layer = training.with_ema_params(state), None
+    if refit:
+        state, last_layer = _with_refitted_layer(state, workdir, step)
+    state = training.replicate(state, mesh)
     eval_step = training.make_eval_step(loss_fn, with_predictions=True)
     views = SYMMETRIES if symmetry is not None else SYMMETRIES[:1]
     counts = []
@@ -162,6 +186,7 @@ def evaluate_run(
         step=int(step),
         checkpoint=which,
         validation_loss=validation_loss,
+        refitted_last_layer=last_layer,
         workdir=workdir,
     )
     if jax.process_index() == 0:

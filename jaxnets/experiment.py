@@ -23,14 +23,15 @@ import optax
 from absl import logging as absl_logging
 from flax import nnx
 from jax.experimental import multihost_utils
+from tqdm import tqdm
 
-from jaxnets import convert, host_memory, losses, monitor, report, training
+from jaxnets import convert, host_memory, losses, metrics, monitor, refit, report, training
 from jaxnets import data as data_lib
-from jaxnets.checkpoint import CHECKPOINT_DIR, Checkpointer
+from jaxnets.checkpoint import CHECKPOINT_DIR, REFIT_DIR, Checkpointer, RefitCheckpointer, read_refit
 from jaxnets.config import Config, format_value
 from jaxnets.data import pipeline
-from jaxnets.data.symmetry import TargetSymmetry
-from jaxnets.data.targets import Polar, parse_axis_ratios, parse_weights, roulette_pairs
+from jaxnets.data.symmetry import SYMMETRIES, TargetSymmetry
+from jaxnets.data.targets import Polar, TargetEncoding, parse_axis_ratios, parse_weights, roulette_pairs
 from jaxnets.models import MLP, Inception3
 from jaxnets.step_cache import StepCache
 from jaxnets.workdir_lock import WorkdirBusy, WorkdirLock
@@ -199,7 +200,7 @@ def _target_option(
 
 
 # The Config fields whose default depends on the data
-DATA_DEFAULTS = ("loss", "dropout", "target_weights", "angle_axes", "lr", "amplitudes", "pixel_scale")
+DATA_DEFAULTS = ("loss", "dropout", "target_weights", "angle_axes", "lr", "amplitudes", "pixel_scale", "refit_head")
 
 
 def with_data_defaults(config: Config, dataset: data_lib.Dataset, saved: Config | None = None) -> Config:
@@ -221,7 +222,17 @@ def with_data_defaults(config: Config, dataset: data_lib.Dataset, saved: Config 
         angle_axes=tuple(f"{angle}:{minor}/{major}" for angle, (minor, major) in axes.items()),
         amplitudes=config.amplitudes or "plain",
         pixel_scale=config.pixel_scale or default_pixel_scale(dataset),
+        refit_head=refit_head(config, dataset),
     )
+
+
+def refit_head(config: Config, dataset: data_lib.Dataset) -> bool:
+    """--refit-head, by default on for regression on CosmoSim data; RunError when asked for classification."""
+    if config.refit_head is None:
+        return dataset.task == "regression" and _is_cosmosim(dataset)
+    if config.refit_head and dataset.task != "regression":
+        raise RunError(f"--refit-head applies to regression; dataset {dataset.name!r} is {dataset.task}")
+    return config.refit_head
 
 
 def target_symmetry(dataset: data_lib.Dataset) -> TargetSymmetry:
@@ -587,6 +598,103 @@ def _diverged(summary: dict, epoch: int, checkpointer: Checkpointer, config: Con
     )
 
 
+def _refit_head(
+    config: Config,
+    dataset: data_lib.Dataset,
+    encoding: TargetEncoding,
+    checkpointer: Checkpointer,
+    template: training.TrainState,
+    mesh: jax.sharding.Mesh,
+    stop: monitor.StopSignals,
+    *,
+    show: bool,
+) -> None:
+    """--refit-head: the last layer of the best checkpoint solved by least squares (`jaxnets.refit`), saved beside
+    the checkpoints for evaluate.py when it scores higher on validation than as trained."""
+    checkpointer.wait()
+    step = checkpointer.best_step()
+    if step is None:
+        warnings.warn(
+            "--refit-head: no checkpoint has a validation loss; the last layer stays as trained", stacklevel=2
+        )
+        return
+    try:
+        if read_refit(config.run_dir, step) is not None:
+            print(f"The last layer of step {step} is already refitted ({REFIT_DIR} in {config.run_dir})", flush=True)
+            return
+    except ValueError as error:
+        warnings.warn(f"{error}; refitting it again", stacklevel=2)
+    started = time.perf_counter()
+    best, _ = checkpointer.restore(template, step)
+    views = SYMMETRIES if has_symmetry(dataset) else SYMMETRIES[:1]  # as evaluate.py reads the images
+    symmetry = target_symmetry(dataset) if len(views) > 1 else None
+
+    def r2_mean(outputs: list[np.ndarray], true: np.ndarray) -> float:
+        averaged = outputs[0] if symmetry is None else symmetry.average_outputs(encoding, outputs, views)
+        report = metrics.regression_report(
+            true, encoding.decode(averaged), dataset.target_names, periods=encoding.periods
+        )
+        return float(np.nanmean([parameter["r2"] for parameter in report["parameters"].values()]))
+
+    def split(name: str, description: str):
+        batches = pipeline.batches(
+            dataset, name, config.batch_size, train=False, encoding=encoding, pixel_scale=config.pixel_scale
+        )
+        total = pipeline.num_batches(dataset, name, config.batch_size, train=False)
+        return _refit_progress(batches, total, description, stop, show=show)
+
+    found = refit.refit_last_layer(
+        training.with_ema_params(best),
+        split("train", "refit: training features"),
+        split("validation", f"refit: validation in {len(views)} view(s)"),
+        r2_mean,
+        mesh,
+        views=views,
+    )
+    elapsed = time.perf_counter() - started
+    averaged = f", {len(views)} views averaged" if len(views) > 1 else ""
+    if found.ridge is None:
+        print(
+            f"The last layer of step {step} stays as trained: no least-squares fit scored a higher validation R² mean "
+            f"({found.trained_score:.4f}{averaged}), time = {elapsed:.1f} s",
+            flush=True,
+        )
+        return
+    record = {
+        "step": int(step),
+        "ridge": found.ridge,
+        "examples": found.examples,
+        "views": len(views),
+        "validation_r2_mean_as_trained": found.trained_score,
+        "validation_r2_mean": found.score,
+    }
+    store = RefitCheckpointer(config.run_dir)
+    try:
+        store.save(step, found.kernel, found.bias, record)
+    finally:
+        store.close()
+    print(
+        f"Refitted the last layer of step {step} by least squares on {found.examples} training images (ridge "
+        f"{found.ridge:g}): validation R² mean {found.trained_score:.4f} -> {found.score:.4f}{averaged}, "
+        f"time = {elapsed:.1f} s; evaluate.py uses it (--no-refit: as trained)",
+        flush=True,
+    )
+
+
+def _refit_progress(batches, total: int, description: str, stop: monitor.StopSignals, *, show: bool):
+    """batches under a progress bar (made when the first is read), until a signal arrives: then RunError with the
+    signal's exit code (the checkpoints are intact)."""
+    with tqdm(batches, description, total, leave=False, disable=not show) as bar:
+        for batch in bar:
+            if stop.received is not None:
+                raise RunError(
+                    "stopped during the refit of the last layer; the checkpoints are intact (evaluate.py evaluates "
+                    "the layer as trained): run the same command again to refit",
+                    exit_code=stop.exit_code,
+                )
+            yield batch
+
+
 def train_and_evaluate(config: Config) -> dict:
     """Trains config's model on its dataset; resumes from the workdir's latest checkpoint if any.
 
@@ -718,6 +826,8 @@ def train_and_evaluate(config: Config) -> dict:
                 if stop.received is not None:
                     print(f"Stopped after epoch {epoch}; resume with the same command.", file=sys.stderr)
                     return {"history": writer.history, "interrupted": stop.exit_code}
+            if config.refit_head:
+                _refit_head(config, dataset, encoding, checkpointer, state, mesh, stop, show=is_main)
         finally:
             # Every way out (finished, interrupted, diverged, refused) waits for the async save and flushes the
             # events, still under StopSignals, so a second Ctrl-C during the wait exits at once.

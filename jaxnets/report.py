@@ -45,11 +45,14 @@ def format_report(report: dict) -> str:
 
 
 def describe_checkpoint(report: dict) -> str:
-    """Which checkpoint a report comes from: 'best checkpoint step 20 (validation loss 1.207)'."""
+    """Which checkpoint a report comes from: 'best checkpoint step 20 (validation loss 1.207)', and whether its last
+    layer was refitted (train.py --refit-head)."""
     kind = {"best": "best checkpoint", "latest": "latest checkpoint"}.get(report.get("checkpoint"), "checkpoint")
     loss = report.get("validation_loss")
     detail = "no validation loss: saved mid-epoch" if loss is None else f"validation loss {loss:.6g}"
-    return f"{kind} step {report['step']} ({detail})"
+    refit = report.get("refitted_last_layer")
+    refitted = "" if refit is None else f", last layer refitted by least squares (ridge {refit['ridge']:g})"
+    return f"{kind} step {report['step']} ({detail}){refitted}"
 
 
 def write_json(path: str, value: dict) -> None:

@@ -63,6 +63,7 @@ HOST_MODULES = (
     "jaxnets.metrics",
     "jaxnets.models",
     "jaxnets.monitor",
+    "jaxnets.refit",
     "jaxnets.step_cache",
     "jaxnets.workdir_lock",
 )

@@ -297,7 +297,7 @@ def evaluate(
         if with_predictions:
             result, outputs = result
             keep = np.asarray(batch["mask"]) > 0
-            local = _process_local(outputs)
+            local = process_local(outputs)
             predictions.append(local[keep])
             targets.append(np.asarray(batch.get("raw_target", _targets(batch)))[keep])
             indices.append(np.asarray(batch["index"])[keep])
@@ -310,7 +310,7 @@ def evaluate(
     return summary
 
 
-def _process_local(array: jax.Array) -> np.ndarray:
+def process_local(array: jax.Array) -> np.ndarray:
     """The rows of a 'data'-sharded global array that this process fed in."""
     shards = sorted(array.addressable_shards, key=lambda shard: shard.index[0].start or 0)
     return np.concatenate([np.asarray(shard.data) for shard in shards])

@@ -115,6 +115,14 @@ def test_a_time_budget_calibrates_on_one_epoch_then_trains_what_fits(tmp_path, m
     assert training["--workdir"] == str(tmp_path / "cluster2") and training["--epochs"] == "10"
     assert calibration["--num-train"] == training["--num-train"] == "3000"  # the same images, simulated once
     assert [script for script, _ in calls[2:]] == ["evaluate.py"] * 4
+    # The calibration only times an epoch: no refit of its last layer; the run is evaluated as trained, then refitted.
+    assert calibration.get("--no-refit-head") is True and "--no-refit-head" not in training
+    assert [("--no-refit" in listed, listed["--split"]) for _, listed in calls[2:]] == [
+        (True, "validation"),
+        (False, "validation"),
+        (True, "test"),
+        (False, "test"),
+    ]
     assert "an epoch 20.0 s: 10 epochs fit" in capsys.readouterr().out
     with open(out) as f:
         assert json.load(f)["cluster2"]["seconds"]["calibration"] == 60.0

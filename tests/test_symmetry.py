@@ -113,6 +113,10 @@ def test_targets_without_a_rule_are_refused_by_name():
         transform_images(np.zeros((1, 4, 4, 1)), np.array([[2, 0], [0, 1]]))
     with pytest.raises(ValueError, match="H == W"):
         transform_images(np.zeros((1, 4, 5, 1)), ROTATE)
+    # The identity is the one view of images that are not square (or not images: an MLP's [batch, features]).
+    for shape in ((1, 4, 5, 1), (3, 6)):
+        images = np.arange(np.prod(shape)).reshape(shape)
+        np.testing.assert_array_equal(transform_images(images, SYMMETRIES[0]), images)
 
 
 SIE_TOML = """

@@ -14,7 +14,7 @@ from flax import nnx
 
 from conftest import ROOT, TINY, cli_args
 from jaxnets import experiment, losses, training
-from jaxnets.checkpoint import Checkpointer
+from jaxnets.checkpoint import Checkpointer, read_refit
 from jaxnets.config import Config
 from jaxnets.models import MLP
 from jaxnets.models.layers import Conv2d
@@ -185,17 +185,22 @@ def test_train_py_distributed_on_two_slurm_tasks_matches_one_process(tmp_path, d
     batch the losses would differ from the one-process run's.
     """
     single = str(tmp_path / "single")
-    experiment.train_and_evaluate(Config(**TINY, workdir=single, data_dir=data_dir))
+    experiment.train_and_evaluate(Config(**TINY, workdir=single, data_dir=data_dir, refit_head=True))
     workdir = str(tmp_path / "distributed")
     args = cli_args(**TINY, workdir=workdir, data_dir=data_dir)
-    for returncode, out, err in _slurm_tasks(args, args):
+    for returncode, out, err in _slurm_tasks([*args, "--refit-head"], [*args, "--refit-head"]):
         assert returncode == 0, err[-3000:]
-        assert "Epoch 2: Loss" in out
+        assert "Epoch 2: Loss" in out and "Refitted the last layer of step 12" in out
     drop_seconds = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]  # noqa: E731
     ours, expected = drop_seconds(read_history(workdir, 2)), drop_seconds(read_history(single, 2))
     assert [r["epoch"] for r in ours] == [1, 2]
     for a, b in zip(ours, expected, strict=True):
         assert a == pytest.approx(b, rel=1e-5)
+    # The refit's sums and validation rows gathered from both processes: the same layer as from one.
+    (kernel, bias, record), (one_kernel, one_bias, one_record) = read_refit(workdir, 12), read_refit(single, 12)
+    np.testing.assert_allclose(kernel, one_kernel, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(bias, one_bias, rtol=1e-4, atol=1e-6)
+    assert record == pytest.approx(one_record, rel=1e-5)
 
 
 @pytest.mark.slow

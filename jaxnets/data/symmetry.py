@@ -41,8 +41,11 @@ ANGLES_IN_DEGREES = {"theta": 180.0, "orientation": 180.0, "phi": 360.0}  # name
 def transform_images(images: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """The images moved by `matrix` (one of SYMMETRIES): images [..., H, W, C] (square) -> the same shape.
 
-    The value at (x, y) moves to matrix @ (x, y), about the image's centre."""
+    The value at (x, y) moves to matrix @ (x, y), about the image's centre; the identity leaves images of any shape
+    as they are (one view of images that are not square)."""
     images = np.asarray(images)
+    if np.array_equal(matrix, SYMMETRIES[0]):
+        return images
     if images.ndim < 3 or images.shape[-3] != images.shape[-2]:
         raise ValueError(f"images must be [..., H, W, C] with H == W, got shape {images.shape}")
     if not _is_symmetry(matrix):
