@@ -25,7 +25,7 @@ from jaxnets.models import MLP
 
 # Ridges tried, relative to the mean variance of the features (so one scale fits every network); 0 is plain least
 # squares. The validation split chooses among them.
-RIDGES = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+RIDGES = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 def last_layer(model: nnx.Module) -> nnx.Linear:
@@ -142,7 +142,8 @@ def refit_last_layer(
 
     score(outputs, true) -> the figure to maximise: outputs is one [N, W] array of encoded outputs per view (the
     validation images moved by each of views, as evaluate.py's test-time augmentation reads them), true the
-    batches' "raw_target" [N, P]. Multi-process runs: every process passes its own rows and gets the same answer.
+    batches' "raw_target" [N, P] where they carry it (a TargetEncoding's batches), else their "target". Multi-process
+    runs: every process passes its own rows and gets the same answer.
     """
     feature_step = make_feature_step()
 
@@ -161,7 +162,7 @@ def refit_last_layer(
     per_view, true, masks = [[] for _ in views], [], []
     for batch in validation_batches:
         masks.append(np.asarray(batch["mask"]) > 0)
-        true.append(np.asarray(batch["raw_target"]))
+        true.append(np.asarray(batch.get("raw_target", batch["target"])))
         for rows, view in zip(per_view, views, strict=True):
             rows.append(features(dict(batch, image=transform_images(batch["image"], view))))
     if not masks:
