@@ -1,0 +1,152 @@
+"""The whole head of a trained run fine-tuned with squared error on its frozen pooled features: does it beat the
+least-squares refit of its last layer (`train.py --refit-head`)?
+
+Keeps the backbone of a bench/cosmosim_problems.py run (the best checkpoint, eval mode) and reads its pooled features
+(the 2048 values the head reads) for the training images as they are and for the validation and test images in the
+square's 8 rotations and mirrors (cached in --cache); then trains the head (2048-1024-512-n, started from its trained
+weights, in float32) with Adam at each --lr for --epochs on the mean squared error to the encoded targets, batch 128,
+scores validation (8 views averaged, as evaluate.py) after every epoch, and reports validation and test at the epoch
+with the best validation R² mean over every target, with the problem's means (docs/cosmosim_runs.md, "The whole head
+refitted").
+
+    python bench/head_refit.py RUN_DIR --problem sie --lr 3e-4,1e-3 --epochs 100
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from cosmosim_problems import PROBLEMS, summarize  # bench/ is on sys.path when run as a script
+from flax import nnx
+
+from jaxnets import metrics, training
+from jaxnets.checkpoint import Checkpointer
+from jaxnets.config import Config
+from jaxnets.data import pipeline
+from jaxnets.data.symmetry import SYMMETRIES, transform_images
+from jaxnets.evaluation import _saved_encoding
+from jaxnets.experiment import build_model, build_optimizer, load_data, setup_jax, target_symmetry
+
+
+class _Pooled(nnx.Module):
+    """Stands where the head was: the model then returns the pooled features."""
+
+    def __call__(self, x):
+        return x
+
+
+def head_outputs(params: list[tuple[jax.Array, jax.Array]], features: jax.Array) -> jax.Array:
+    """The head's Linear layers with ReLUs between them: features [N, 2048] -> outputs [N, n]."""
+    for index, (kernel, bias) in enumerate(params):
+        features = features @ kernel + bias
+        if index < len(params) - 1:
+            features = jax.nn.relu(features)
+    return features
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("workdir")
+    parser.add_argument("--problem", required=True, choices=sorted(PROBLEMS))
+    parser.add_argument("--lr", default="3e-4", help="comma-separated Adam learning rates")
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--cache", help="an .npz file for the features (read when it exists)")
+    parser.add_argument("--out", help="write the report here as JSON")
+    args = parser.parse_args()
+
+    config = Config.load(args.workdir)
+    setup_jax(config)
+    dataset = load_data(config)
+    template = training.TrainState.create(
+        build_model(dataclasses.replace(config, init_from=None), dataset), build_optimizer(config, 1)
+    )
+    checkpointer = Checkpointer(args.workdir, read_only=True)
+    state, record = checkpointer.restore(template, checkpointer.best_step())
+    encoding, symmetry = _saved_encoding(record, dataset), target_symmetry(dataset)
+    model = training.with_ema_params(state).model(train=False)
+    trained = [
+        (jnp.asarray(layer.kernel[...], jnp.float32), jnp.asarray(layer.bias[...], jnp.float32))
+        for layer in model.fc.layers
+        if isinstance(layer, nnx.Linear)
+    ]
+    model.fc = _Pooled()
+    pooled = nnx.jit(lambda model, images: model(images).astype(jnp.float32))
+
+    def read(split: str, views) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """The split's pooled features in each view, its raw targets and its encoded targets."""
+        per_view, true, encoded = [[] for _ in views], [], []
+        for batch in pipeline.batches(
+            dataset, split, config.batch_size, train=False, encoding=encoding, pixel_scale=config.pixel_scale
+        ):
+            real = np.asarray(batch["mask"]) > 0
+            true.append(np.asarray(batch["raw_target"])[real])
+            encoded.append(np.asarray(batch["target"])[real])
+            for rows, view in zip(per_view, views, strict=True):
+                rows.append(np.asarray(pooled(model, transform_images(batch["image"], view)))[real])
+        return [np.concatenate(rows) for rows in per_view], np.concatenate(true), np.concatenate(encoded)
+
+    started = time.perf_counter()
+    if args.cache and os.path.exists(args.cache):
+        saved = np.load(args.cache)
+        train_x, train_y = saved["train_x"], saved["train_y"]
+        splits = {s: ([saved[f"{s}_{v}"] for v in range(8)], saved[f"{s}_true"]) for s in ("validation", "test")}
+    else:
+        (train_x,), _, train_y = read("train", SYMMETRIES[:1])
+        splits = {s: read(s, SYMMETRIES)[:2] for s in ("validation", "test")}
+        if args.cache:
+            views = {f"{s}_{v}": splits[s][0][v] for s in splits for v in range(8)}
+            np.savez(
+                args.cache, train_x=train_x, train_y=train_y, **views, **{f"{s}_true": splits[s][1] for s in splits}
+            )
+    print(f"features in {time.perf_counter() - started:.0f} s", flush=True)
+    problem = PROBLEMS[args.problem]
+
+    def scored(params, split: str) -> tuple[dict, float]:
+        views, true = splits[split]
+        outputs = [np.asarray(head_outputs(params, jnp.asarray(view))) for view in views]
+        averaged = symmetry.average_outputs(encoding, outputs, SYMMETRIES)
+        report = metrics.regression_report(
+            true, encoding.decode(averaged), dataset.target_names, periods=encoding.periods
+        )
+        every = float(np.nanmean([p["r2"] for p in report["parameters"].values()]))
+        return summarize({"parameters": report["parameters"]}, problem), every
+
+    results = {"as trained": {split: scored(trained, split)[0] for split in splits}}
+    print("as trained", results["as trained"], flush=True)
+    for lr in (float(value) for value in args.lr.split(",")):
+        tx = optax.adam(lr)
+
+        @jax.jit
+        def update(params, opt_state, x, y, tx=tx):
+            loss, grads = jax.value_and_grad(lambda p: jnp.mean((head_outputs(p, x) - y) ** 2))(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        params, opt_state, rng = trained, tx.init(trained), np.random.default_rng(0)
+        best = (-np.inf, 0, trained)
+        for epoch in range(1, args.epochs + 1):
+            order = rng.permutation(len(train_x))
+            for start in range(0, len(order) - 127, 128):
+                rows = order[start : start + 128]
+                params, opt_state = update(params, opt_state, jnp.asarray(train_x[rows]), jnp.asarray(train_y[rows]))
+            means, every = scored(params, "validation")
+            if every > best[0]:
+                best = (every, epoch, params)
+            if epoch % 10 == 0:
+                print(f"lr {lr:g} epoch {epoch}: validation {means}", flush=True)
+        _, epoch, params = best
+        results[f"lr {lr:g}"] = {"epoch": epoch, **{split: scored(params, split)[0] for split in splits}}
+        print(f"lr {lr:g}, chosen on validation:", results[f"lr {lr:g}"], flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"workdir": args.workdir, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
