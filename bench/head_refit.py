@@ -13,7 +13,6 @@ refitted").
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import time
@@ -24,14 +23,9 @@ import numpy as np
 import optax
 from cosmosim_problems import PROBLEMS, summarize  # bench/ is on sys.path when run as a script
 from flax import nnx
+from refit_head import averaged_report, load_trained_run, read_views
 
-from jaxnets import metrics, training
-from jaxnets.checkpoint import Checkpointer
-from jaxnets.config import Config
-from jaxnets.data import pipeline
-from jaxnets.data.symmetry import SYMMETRIES, transform_images
-from jaxnets.evaluation import _saved_encoding
-from jaxnets.experiment import build_model, build_optimizer, load_data, setup_jax, target_symmetry
+from jaxnets.data.symmetry import SYMMETRIES
 
 
 class _Pooled(nnx.Module):
@@ -60,16 +54,8 @@ def main() -> None:
     parser.add_argument("--out", help="write the report here as JSON")
     args = parser.parse_args()
 
-    config = Config.load(args.workdir)
-    setup_jax(config)
-    dataset = load_data(config)
-    template = training.TrainState.create(
-        build_model(dataclasses.replace(config, init_from=None), dataset), build_optimizer(config, 1)
-    )
-    checkpointer = Checkpointer(args.workdir, read_only=True)
-    state, record = checkpointer.restore(template, checkpointer.best_step())
-    encoding, symmetry = _saved_encoding(record, dataset), target_symmetry(dataset)
-    model = training.with_ema_params(state).model(train=False)
+    run = load_trained_run(args.workdir)
+    model = run.state.model(train=False)
     trained = [
         (jnp.asarray(layer.kernel[...], jnp.float32), jnp.asarray(layer.bias[...], jnp.float32))
         for layer in model.fc.layers
@@ -80,16 +66,7 @@ def main() -> None:
 
     def read(split: str, views) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         """The split's pooled features in each view, its raw targets and its encoded targets."""
-        per_view, true, encoded = [[] for _ in views], [], []
-        for batch in pipeline.batches(
-            dataset, split, config.batch_size, train=False, encoding=encoding, pixel_scale=config.pixel_scale
-        ):
-            real = np.asarray(batch["mask"]) > 0
-            true.append(np.asarray(batch["raw_target"])[real])
-            encoded.append(np.asarray(batch["target"])[real])
-            for rows, view in zip(per_view, views, strict=True):
-                rows.append(np.asarray(pooled(model, transform_images(batch["image"], view)))[real])
-        return [np.concatenate(rows) for rows in per_view], np.concatenate(true), np.concatenate(encoded)
+        return read_views(run, lambda images: pooled(model, images), split, views)
 
     started = time.perf_counter()
     if args.cache and os.path.exists(args.cache):
@@ -109,13 +86,9 @@ def main() -> None:
 
     def scored(params, split: str) -> tuple[dict, float]:
         views, true = splits[split]
-        outputs = [np.asarray(head_outputs(params, jnp.asarray(view))) for view in views]
-        averaged = symmetry.average_outputs(encoding, outputs, SYMMETRIES)
-        report = metrics.regression_report(
-            true, encoding.decode(averaged), dataset.target_names, periods=encoding.periods
-        )
-        every = float(np.nanmean([p["r2"] for p in report["parameters"].values()]))
-        return summarize({"parameters": report["parameters"]}, problem), every
+        parameters = averaged_report(run, [np.asarray(head_outputs(params, jnp.asarray(view))) for view in views], true)
+        every = float(np.nanmean([p["r2"] for p in parameters.values()]))
+        return summarize({"parameters": parameters}, problem), every
 
     results = {"as trained": {split: scored(trained, split)[0] for split in splits}}
     print("as trained", results["as trained"], flush=True)

@@ -27,11 +27,66 @@ import numpy as np
 from jaxnets import metrics, training
 from jaxnets.checkpoint import Checkpointer
 from jaxnets.config import Config
-from jaxnets.data import pipeline
-from jaxnets.data.symmetry import SYMMETRIES, transform_images
+from jaxnets.data import Dataset, pipeline
+from jaxnets.data.symmetry import SYMMETRIES, TargetSymmetry, transform_images
+from jaxnets.data.targets import TargetEncoding
 from jaxnets.evaluation import _saved_encoding
 from jaxnets.experiment import build_model, build_optimizer, load_data, setup_jax, target_symmetry
 from jaxnets.refit import RIDGES, NormalEquations, last_layer, make_feature_step
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """A run's best checkpoint as evaluate.py reads it: its config and data, the state with its evaluated (EMA)
+    parameters, the target encoding it was trained with and the rule that moves its targets."""
+
+    config: Config
+    dataset: Dataset
+    step: int
+    state: training.TrainState
+    encoding: TargetEncoding
+    symmetry: TargetSymmetry
+
+
+def load_trained_run(workdir: str) -> TrainedRun:
+    config = Config.load(workdir)
+    setup_jax(config)
+    dataset = load_data(config)
+    checkpointer = Checkpointer(workdir, read_only=True)
+    template = training.TrainState.create(
+        build_model(dataclasses.replace(config, init_from=None), dataset), build_optimizer(config, 1)
+    )
+    step = checkpointer.best_step()
+    state, record = checkpointer.restore(template, step)
+    encoding = _saved_encoding(record, dataset)  # as evaluate.py reads it, runs saved before angles too
+    return TrainedRun(config, dataset, step, training.with_ema_params(state), encoding, target_symmetry(dataset))
+
+
+def read_views(run: TrainedRun, forward, split: str, views) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """forward(images) -> features for the split's images in each view, its raw targets and its encoded targets."""
+    per_view, true, encoded = [[] for _ in views], [], []
+    for batch in pipeline.batches(
+        run.dataset,
+        split,
+        run.config.batch_size,
+        train=False,
+        encoding=run.encoding,
+        pixel_scale=run.config.pixel_scale,
+    ):
+        real = np.asarray(batch["mask"]) > 0
+        true.append(np.asarray(batch["raw_target"])[real])
+        encoded.append(np.asarray(batch["target"])[real])
+        for rows, view in zip(per_view, views, strict=True):
+            rows.append(np.asarray(forward(transform_images(batch["image"], view)))[real])
+    return [np.concatenate(rows) for rows in per_view], np.concatenate(true), np.concatenate(encoded)
+
+
+def averaged_report(run: TrainedRun, outputs: list[np.ndarray], true: np.ndarray) -> dict:
+    """Per target errors and R² of the encoded outputs of the 8 views averaged, as evaluate.py reports them."""
+    averaged = run.symmetry.average_outputs(run.encoding, outputs, SYMMETRIES)
+    return metrics.regression_report(
+        true, run.encoding.decode(averaged), run.dataset.target_names, periods=run.encoding.periods
+    )["parameters"]
 
 
 def main() -> None:
@@ -42,33 +97,15 @@ def main() -> None:
     parser.add_argument("--out", help="write the report here as JSON")
     args = parser.parse_args()
 
-    config = Config.load(args.workdir)
-    setup_jax(config)
-    dataset = load_data(config)
-    checkpointer = Checkpointer(args.workdir, read_only=True)
-    template = training.TrainState.create(
-        build_model(dataclasses.replace(config, init_from=None), dataset), build_optimizer(config, 1)
-    )
-    step = checkpointer.best_step()
-    state, record = checkpointer.restore(template, step)
-    encoding = _saved_encoding(record, dataset)  # as evaluate.py reads it, runs saved before angles too
-    symmetry = target_symmetry(dataset)
-    state = training.with_ema_params(state)
-    last = last_layer(state.model())
+    run = load_trained_run(args.workdir)
+    encoding, symmetry = run.encoding, run.symmetry
+    last = last_layer(run.state.model())
     trained = np.asarray(last.kernel[...], np.float64), np.asarray(last.bias[...], np.float64)
     feature_step = make_feature_step()
 
     def read(split: str, views) -> tuple[list[np.ndarray], np.ndarray]:
         """The split's features in each view, and its raw targets."""
-        per_view, true = [[] for _ in views], []
-        for batch in pipeline.batches(
-            dataset, split, config.batch_size, train=False, encoding=encoding, pixel_scale=config.pixel_scale
-        ):
-            real = np.asarray(batch["mask"]) > 0
-            true.append(np.asarray(batch["raw_target"])[real])
-            for rows, view in zip(per_view, views, strict=True):
-                rows.append(np.asarray(feature_step(state, {"image": transform_images(batch["image"], view)}))[real])
-        return [np.concatenate(rows) for rows in per_view], np.concatenate(true)
+        return read_views(run, lambda images: feature_step(run.state, {"image": images}), split, views)[:2]
 
     started = time.perf_counter()
     train_views = SYMMETRIES[: args.train_views]
@@ -92,11 +129,8 @@ def main() -> None:
 
     def scored(split: str, kernel: np.ndarray, bias: np.ndarray) -> dict:
         views, true = splits[split]
-        outputs = symmetry.average_outputs(encoding, [f @ kernel + bias for f in views], SYMMETRIES)
-        report = metrics.regression_report(
-            true, encoding.decode(outputs), dataset.target_names, periods=encoding.periods
-        )
-        return {"means": means(report["parameters"]), "r2": {n: p["r2"] for n, p in report["parameters"].items()}}
+        parameters = averaged_report(run, [f @ kernel + bias for f in views], true)
+        return {"means": means(parameters), "r2": {n: p["r2"] for n, p in parameters.items()}}
 
     results = {"as trained": {split: scored(split, *trained) for split in splits}}
     for ridge, fitted in zip(RIDGES, NormalEquations.of(x, y).solve(RIDGES), strict=True):
@@ -111,7 +145,7 @@ def main() -> None:
         print(split, "R², as trained -> refit:", {n: f"{before[n]:.3f} -> {after[n]:.3f}" for n in before})
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"workdir": args.workdir, "step": int(step), "chosen": best, "results": results}, f, indent=1)
+            json.dump({"workdir": args.workdir, "step": int(run.step), "chosen": best, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -603,7 +603,7 @@ def _refit_head(
     dataset: data_lib.Dataset,
     encoding: TargetEncoding,
     checkpointer: Checkpointer,
-    template: training.TrainState,
+    state: training.TrainState,
     mesh: jax.sharding.Mesh,
     stop: monitor.StopSignals,
     *,
@@ -625,7 +625,8 @@ def _refit_head(
     except ValueError as error:
         warnings.warn(f"{error}; refitting it again", stacklevel=2)
     started = time.perf_counter()
-    best, _ = checkpointer.restore(template, step)
+    # The state in memory when it is the best (the last epoch's, or what a finished run resumed): no read from disk.
+    best = state if int(state.step) == step else checkpointer.restore(state, step)[0]
     views = SYMMETRIES if has_symmetry(dataset) else SYMMETRIES[:1]  # as evaluate.py reads the images
     symmetry = target_symmetry(dataset) if len(views) > 1 else None
 
