@@ -30,7 +30,7 @@ from jaxnets.config import Config
 from jaxnets.data import Dataset, pipeline
 from jaxnets.data.symmetry import SYMMETRIES, TargetSymmetry, transform_images
 from jaxnets.data.targets import TargetEncoding
-from jaxnets.evaluation import _saved_encoding
+from jaxnets.evaluation import saved_encoding
 from jaxnets.experiment import build_model, build_optimizer, load_data, setup_jax, target_symmetry
 from jaxnets.refit import RIDGES, NormalEquations, last_layer, make_feature_step
 
@@ -58,7 +58,7 @@ def load_trained_run(workdir: str) -> TrainedRun:
     )
     step = checkpointer.best_step()
     state, record = checkpointer.restore(template, step)
-    encoding = _saved_encoding(record, dataset)  # as evaluate.py reads it, runs saved before angles too
+    encoding = saved_encoding(record, dataset)  # as evaluate.py reads it, runs saved before angles too
     return TrainedRun(config, dataset, step, training.with_ema_params(state), encoding, target_symmetry(dataset))
 
 

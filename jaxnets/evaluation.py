@@ -24,6 +24,7 @@ from jaxnets.experiment import (
     has_symmetry,
     load_data,
     loss_function,
+    regression_outputs,
     setup_jax,
     target_symmetry,
 )
@@ -41,7 +42,7 @@ def _candidates(checkpointer: Checkpointer, which: str) -> list[int]:
     return rated + [step for step in newest_first if step not in rated]
 
 
-def _saved_encoding(record: dict, dataset: data_lib.Dataset) -> TargetEncoding:
+def saved_encoding(record: dict, dataset: data_lib.Dataset) -> TargetEncoding:
     """The target encoding a checkpoint was trained with (runs before angles saved only a mean and std)."""
     if record.get("targets") is not None:
         return TargetEncoding.from_json(record["targets"])
@@ -155,7 +156,7 @@ def evaluate_run(
             warnings.warn(f"{error}; evaluating the next {which} checkpoint instead", stacklevel=2)
     validation_loss = checkpointer.validation_loss(step)
     mesh = training.data_mesh()
-    encoding = _saved_encoding(record, dataset) if dataset.task == "regression" else None
+    encoding = saved_encoding(record, dataset) if dataset.task == "regression" else None
     state, last_layer = training.with_ema_params(state), None
     if refit:
         state, last_layer = _with_refitted_layer(state, workdir, step)
@@ -172,11 +173,11 @@ def evaluate_run(
         result[key] = per_view(result[key], counts, len(views))[0]
     predictions, true = view_predictions[0], result["targets"]
     if dataset.task == "regression":
+        # true holds the raw targets: the batches carry them
+        averaged, summary = regression_outputs(dataset, encoding, symmetry, views, view_predictions, true)
         if symmetry is not None:
-            predictions = symmetry.average_outputs(encoding, view_predictions, views)
-            result["loss"] = float(loss_fn(predictions, encoding.encode(true)))
-        predictions = encoding.decode(predictions)  # true holds the raw targets: the batches carry them
-        summary = metrics.regression_report(true, predictions, dataset.target_names, periods=encoding.periods)
+            result["loss"] = float(loss_fn(averaged, encoding.encode(true)))
+        predictions = encoding.decode(averaged)
     else:
         summary = metrics.classification_report(true, predictions, dataset.target_names)
     summary.update(

@@ -255,6 +255,22 @@ def has_symmetry(dataset: data_lib.Dataset) -> bool:
     return True
 
 
+def regression_outputs(
+    dataset: data_lib.Dataset,
+    encoding: TargetEncoding,
+    symmetry: TargetSymmetry | None,
+    views: list[np.ndarray],
+    outputs: list[np.ndarray],
+    true: np.ndarray,
+) -> tuple[np.ndarray, dict]:
+    """The encoded outputs [N, W] of the images in each of views averaged as evaluate.py does (one view, the images
+    as they are, where symmetry is None), and the regression report of their decoded predictions against the raw
+    targets true [N, P]."""
+    averaged = outputs[0] if symmetry is None else symmetry.average_outputs(encoding, outputs, views)
+    predictions = encoding.decode(averaged)
+    return averaged, metrics.regression_report(true, predictions, dataset.target_names, periods=encoding.periods)
+
+
 def _augment_rule(config: Config, dataset: data_lib.Dataset) -> TargetSymmetry | None:
     """--augment's rule for the targets, None without --augment; RunError when the data has none."""
     if not config.augment:
@@ -631,11 +647,8 @@ def _refit_head(
     symmetry = target_symmetry(dataset) if len(views) > 1 else None
 
     def r2_mean(outputs: list[np.ndarray], true: np.ndarray) -> float:
-        averaged = outputs[0] if symmetry is None else symmetry.average_outputs(encoding, outputs, views)
-        report = metrics.regression_report(
-            true, encoding.decode(averaged), dataset.target_names, periods=encoding.periods
-        )
-        return float(np.nanmean([parameter["r2"] for parameter in report["parameters"].values()]))
+        _, summary = regression_outputs(dataset, encoding, symmetry, views, outputs, true)
+        return float(np.nanmean([parameter["r2"] for parameter in summary["parameters"].values()]))
 
     def split(name: str, description: str):
         batches = pipeline.batches(
