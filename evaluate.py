@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         "--refit",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="use the last layer train.py refitted by least squares for the checkpoint (--refit-head), when it saved "
-        "one; --no-refit evaluates the layer as trained",
+        help="use the head train.py refitted for the checkpoint (--refit-head: its last layer by least squares, or "
+        "the whole head fine-tuned), when it saved one; --no-refit evaluates the head as trained",
     )
     args = parser.parse_args(argv)
     from jaxnets import experiment  # after argument parsing, so --help is instant

@@ -8,9 +8,9 @@ mean over all targets, `valid_r2` in their training_log.csv).
 
 For each problem this runs `python train.py --simulate bench/problems/<name>.toml` (CosmoSim draws the images
 at 512 px, crops 256 and centres; --image-size resizes them) with the problem's targets (and train.py's default for
-CosmoSim data, the last layer refitted by least squares after the last epoch), then `evaluate.py` on the validation
+CosmoSim data, the head refitted after the last epoch), then `evaluate.py` on the validation
 and test splits (each image's predictions averaged over its 8 rotations and mirrors, as evaluate.py does by default
-for these targets; first with the last layer as trained, --no-refit, then with the refit), and prints per target R²
+for these targets; first with the head as trained, --no-refit, then with the refit), and prints per target R²
 (circular for angles) and MAE, the uniform mean as they compute it, the mean over the identifiable parameters and the
 mean over the amplitudes, beside their figure. What the simulation records besides sie's targets (the SIE lens's
 Einstein radius, ellipse ratio and orientation, the source's polar position) is trained alongside as auxiliary
@@ -238,8 +238,8 @@ def main() -> None:
         seconds["train"] = run("train.py", *options)
         reports, as_trained = {}, {}
         for split in ("validation", "test"):
-            # The last layer as trained first, then evaluate.py's default (with the layer train.py refitted by least
-            # squares, where it kept one), whose files stay in the workdir; both with the 8 views averaged.
+            # The head as trained first, then evaluate.py's default (with the head train.py refitted, where it kept
+            # one), whose files stay in the workdir; both with the 8 views averaged.
             for refit, kept in (("--no-refit", as_trained), ("--refit", reports)):
                 key = f"evaluate {split}" + (" (as trained)" if kept is as_trained else "")
                 seconds[key] = run("evaluate.py", "--workdir", workdir, "--split", split, refit)
@@ -253,7 +253,7 @@ def main() -> None:
             "settings": {**vars(args), "extra": extra, "train.py": options},
         }
         print(table(name, problem, reports), flush=True)
-        print(f"last layer as trained (evaluate.py --no-refit): {results[name]['summary_as_trained']}", flush=True)
+        print(f"head as trained (evaluate.py --no-refit): {results[name]['summary_as_trained']}", flush=True)
         print(f"wall clock: {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}\n", flush=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)

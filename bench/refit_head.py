@@ -11,7 +11,8 @@ and test as `evaluate.py` does by default for CosmoSim data (8 views averaged), 
 `--problem` the means are bench/cosmosim_problems.py's (uniform, identifiable, amplitudes).
 
 `train.py --refit-head` (the default for CosmoSim data) does this at the end of a run with the training images as they
-are and keeps the best ridge (`jaxnets.refit`); this script shows every ridge, the test split, and 8 training views.
+are, fine-tunes the whole head beside it, and keeps what scores best (`jaxnets.refit`); this script shows every ridge
+of the last layer alone, the test split, and 8 training views.
 
     python bench/refit_head.py RUN_DIR --problem sie      # RUN_DIR: a workdir of bench/cosmosim_problems.py
 """

@@ -230,16 +230,17 @@ class Checkpointer:
             self.manager.close()
 
 
-REFIT_DIR = "refitted_last_layer"
+REFIT_DIR = "refitted_head"
+_LEGACY_REFIT_DIR = "refitted_last_layer"  # runs refitted before the whole head could be: the last layer alone
 
 
 class RefitCheckpointer:
-    """The last layer of a checkpoint refitted by least squares (`jaxnets.refit`), in
-    `<workdir>/refitted_last_layer/<step>`: its kernel and bias beside a JSON record of how it was chosen. Only the
-    newest is kept; evaluation uses it for the checkpoint of the same step."""
+    """The head of a checkpoint refitted on its features (`jaxnets.refit`), in `<workdir>/refitted_head/<step>`: the
+    kernel and bias of each layer it replaces (the head's last ones) beside a JSON record of how it was chosen. Only
+    the newest is kept; evaluation uses it for the checkpoint of the same step."""
 
-    def __init__(self, workdir: str, *, read_only: bool = False):
-        self.directory = os.path.abspath(os.path.join(workdir, REFIT_DIR))
+    def __init__(self, workdir: str, *, read_only: bool = False, folder: str = REFIT_DIR):
+        self.directory = os.path.abspath(os.path.join(workdir, folder))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=1, read_only=read_only, create=not read_only, cleanup_tmp_directories=not read_only
         )
@@ -248,52 +249,55 @@ class RefitCheckpointer:
     def steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, kernel: Any, bias: Any, record: dict) -> None:
-        """Writes the layer for checkpoint step (in place of one saved before for it) and waits until it is written;
-        CheckpointSaveError if it fails."""
-        layer = {"kernel": np.asarray(kernel, np.float32), "bias": np.asarray(bias, np.float32)}
+    def save(self, step: int, layers: list[tuple[Any, Any]], record: dict) -> None:
+        """Writes the layers for checkpoint step (in place of those saved before for it) and waits until they are
+        written; CheckpointSaveError if it fails."""
+        arrays = [
+            {"kernel": np.asarray(kernel, np.float32), "bias": np.asarray(bias, np.float32)} for kernel, bias in layers
+        ]
         try:
             if step in self.steps():  # a damaged one: replaced
                 self.manager.delete(step)
             self.manager.save(
                 step,
                 force=True,
-                args=ocp.args.Composite(layer=ocp.args.StandardSave(layer), record=ocp.args.JsonSave(record)),
+                args=ocp.args.Composite(head=ocp.args.StandardSave(arrays), record=ocp.args.JsonSave(record)),
             )
             self.manager.wait_until_finished()
         except Exception as error:  # orbax and tensorstore raise many types for an unwritable folder
             message = _first_line(error)
-            raise CheckpointSaveError(f"saving the refitted last layer in {self.directory} failed: {message}") from None
+            raise CheckpointSaveError(f"saving the refitted head in {self.directory} failed: {message}") from None
 
-    def restore(self, step: int) -> tuple[np.ndarray, np.ndarray, dict] | None:
-        """(kernel, bias, record) of the layer refitted for checkpoint step; None when there is none; ValueError when
-        it cannot be read."""
+    def restore(self, step: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict] | None:
+        """(layers, record) of the head refitted for checkpoint step, layers a list of (kernel, bias), the head's last
+        ones; None when there is none; ValueError when it cannot be read."""
         if step not in self.steps():
             return None
         _drop_closed_loop_callbacks()
+        legacy = os.path.isdir(os.path.join(self.directory, str(step), "layer"))  # one layer, saved as "layer"
+        item = "layer" if legacy else "head"
         try:
             restored = self.manager.restore(
-                step, args=ocp.args.Composite(layer=ocp.args.StandardRestore(), record=ocp.args.JsonRestore())
+                step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()}, record=ocp.args.JsonRestore())
             )
         except Exception as error:  # orbax/tensorstore raise many types for damaged files
             message = _first_line(error)
-            raise ValueError(
-                f"the refitted last layer of step {step} in {self.directory} is damaged: {message}"
-            ) from None
-        layer = restored.layer
-        return np.asarray(layer["kernel"]), np.asarray(layer["bias"]), dict(restored.record)
+            raise ValueError(f"the refitted head of step {step} in {self.directory} is damaged: {message}") from None
+        arrays = [restored[item]] if legacy else restored[item]
+        return [(np.asarray(layer["kernel"]), np.asarray(layer["bias"])) for layer in arrays], dict(restored.record)
 
     def close(self) -> None:
         self.manager.close()
 
 
-def read_refit(workdir: str, step: int) -> tuple[np.ndarray, np.ndarray, dict] | None:
-    """The last layer refitted for checkpoint step of the run in workdir, as `RefitCheckpointer.restore`; None when
-    the run has none."""
-    if not os.path.isdir(os.path.join(workdir, REFIT_DIR)):
-        return None
-    store = RefitCheckpointer(workdir, read_only=True)
-    try:
-        return store.restore(step)
-    finally:
-        store.close()
+def read_refit(workdir: str, step: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict] | None:
+    """The head refitted for checkpoint step of the run in workdir, as `RefitCheckpointer.restore`; None when the run
+    has none."""
+    for folder in (REFIT_DIR, _LEGACY_REFIT_DIR):
+        if os.path.isdir(os.path.join(workdir, folder)):
+            store = RefitCheckpointer(workdir, read_only=True, folder=folder)
+            try:
+                return store.restore(step)
+            finally:
+                store.close()
+    return None

@@ -172,13 +172,14 @@ class Config:
         resume=True,
     )
     # On the group's three CosmoSim problems it lifted every R² mean (docs/cosmosim_runs.md, "The last layer refitted
-    # by least squares").
+    # by least squares", "The whole head refitted").
     refit_head: bool | None = _option(
         None,
-        "regression: after the last epoch, solve the last layer of the best checkpoint by least squares on the "
-        "features of the training images (ridge chosen on the validation split) and keep it where it scores a higher "
-        "validation R² than as trained; evaluate.py uses it (its --no-refit: as trained) (default: on for CosmoSim "
-        "data)",
+        "regression: after the last epoch, refit the head of the best checkpoint on the features of the training "
+        "images for the squared error: its last layer by least squares (for several ridges) and, for a head with "
+        "hidden layers (--head-features), the whole head fine-tuned for up to 30 epochs; keep what scores the highest "
+        "validation R² mean, if higher than as trained; evaluate.py uses it (its --no-refit: as trained) (default: on "
+        "for CosmoSim data)",
     )
     schedule: str = _option(
         "warmup_cosine",

@@ -28,7 +28,7 @@ from jaxnets.experiment import (
     setup_jax,
     target_symmetry,
 )
-from jaxnets.refit import with_last_layer
+from jaxnets.refit import with_head_layers
 
 
 def _candidates(checkpointer: Checkpointer, which: str) -> list[int]:
@@ -53,19 +53,17 @@ def saved_encoding(record: dict, dataset: data_lib.Dataset) -> TargetEncoding:
     return dataclasses.replace(plain, mean=mean, std=std)
 
 
-def _with_refitted_layer(
-    state: training.TrainState, workdir: str, step: int
-) -> tuple[training.TrainState, dict | None]:
-    """state with the last layer train.py refitted for checkpoint step (`jaxnets.refit`), and that refit's record;
-    (state, None) where there is none, or, with a warning, where it cannot be read or does not fit."""
+def _with_refitted_head(state: training.TrainState, workdir: str, step: int) -> tuple[training.TrainState, dict | None]:
+    """state with the head train.py refitted for checkpoint step (`jaxnets.refit`), and that refit's record; (state,
+    None) where there is none, or, with a warning, where it cannot be read or does not fit."""
     try:
         found = read_refit(workdir, step)
         if found is None:
             return state, None
-        kernel, bias, record = found
-        return with_last_layer(state, kernel, bias), record
+        layers, record = found
+        return with_head_layers(state, layers), record
     except ValueError as error:
-        warnings.warn(f"{error}; evaluating the last layer as trained", stacklevel=2)
+        warnings.warn(f"{error}; evaluating the head as trained", stacklevel=2)
         return state, None
 
 
@@ -106,8 +104,8 @@ def evaluate_run(
     tta (test-time augmentation): predict each image in all 8 of the square's rotations and mirrors, move each
     prediction back and average them (default: when the targets have such a rule, CosmoSim data).
 
-    refit: evaluate with the last layer train.py refitted by least squares for this checkpoint (--refit-head), when
-    it saved one; False: the layer as trained."""
+    refit: evaluate with the head train.py refitted for this checkpoint (--refit-head), when it saved one; False: the
+    head as trained."""
     if not os.path.isdir(workdir):
         raise RunError(f"workdir {workdir!r} does not exist: train first (python train.py --workdir ...)")
     if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
@@ -157,9 +155,9 @@ def evaluate_run(
     validation_loss = checkpointer.validation_loss(step)
     mesh = training.data_mesh()
     encoding = saved_encoding(record, dataset) if dataset.task == "regression" else None
-    state, last_layer = training.with_ema_params(state), None
+    state, refitted = training.with_ema_params(state), None
     if refit:
-        state, last_layer = _with_refitted_layer(state, workdir, step)
+        state, refitted = _with_refitted_head(state, workdir, step)
     state = training.replicate(state, mesh)
     eval_step = training.make_eval_step(loss_fn, with_predictions=True)
     views = SYMMETRIES if symmetry is not None else SYMMETRIES[:1]
@@ -187,7 +185,7 @@ def evaluate_run(
         step=int(step),
         checkpoint=which,
         validation_loss=validation_loss,
-        refitted_last_layer=last_layer,
+        refitted_head=refitted,
         workdir=workdir,
     )
     if jax.process_index() == 0:

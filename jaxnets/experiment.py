@@ -625,18 +625,17 @@ def _refit_head(
     *,
     show: bool,
 ) -> None:
-    """--refit-head: the last layer of the best checkpoint solved by least squares (`jaxnets.refit`), saved beside
-    the checkpoints for evaluate.py when it scores higher on validation than as trained."""
+    """--refit-head: the head of the best checkpoint refitted on its features (`jaxnets.refit`: the last layer by
+    least squares, a head with hidden layers also fine-tuned whole), saved beside the checkpoints for evaluate.py when
+    it scores higher on validation than as trained."""
     checkpointer.wait()
     step = checkpointer.best_step()
     if step is None:
-        warnings.warn(
-            "--refit-head: no checkpoint has a validation loss; the last layer stays as trained", stacklevel=2
-        )
+        warnings.warn("--refit-head: no checkpoint has a validation loss; the head stays as trained", stacklevel=2)
         return
     try:
         if read_refit(config.run_dir, step) is not None:
-            print(f"The last layer of step {step} is already refitted ({REFIT_DIR} in {config.run_dir})", flush=True)
+            print(f"The head of step {step} is already refitted ({REFIT_DIR} in {config.run_dir})", flush=True)
             return
     except ValueError as error:
         warnings.warn(f"{error}; refitting it again", stacklevel=2)
@@ -657,26 +656,31 @@ def _refit_head(
         total = pipeline.num_batches(dataset, name, config.batch_size, train=False)
         return _refit_progress(batches, total, description, stop, show=show)
 
-    found = refit.refit_last_layer(
-        training.with_ema_params(best),
-        split("train", "refit: training features"),
-        split("validation", f"refit: validation in {len(views)} view(s)"),
-        r2_mean,
-        mesh,
-        views=views,
-    )
+    with _epoch_progress(refit.HEAD_EPOCHS, "refit: the head fine-tuned", stop, show=show) as epochs:
+        found = refit.refit_head(
+            training.with_ema_params(best),
+            split("train", "refit: training features"),
+            split("validation", f"refit: validation in {len(views)} view(s)"),
+            r2_mean,
+            mesh,
+            views=views,
+            each_epoch=epochs,
+        )
     elapsed = time.perf_counter() - started
     averaged = f", {len(views)} views averaged" if len(views) > 1 else ""
-    if found.ridge is None:
+    if found.method is None:
         print(
-            f"The last layer of step {step} stays as trained: no least-squares fit scored a higher validation R² mean "
+            f"The head of step {step} stays as trained: no refit scored a higher validation R² mean "
             f"({found.trained_score:.4f}{averaged}), time = {elapsed:.1f} s",
             flush=True,
         )
         return
     record = {
         "step": int(step),
+        "method": found.method,
         "ridge": found.ridge,
+        "epochs": found.epochs,
+        "layers": len(found.layers),
         "examples": found.examples,
         "views": len(views),
         "validation_r2_mean_as_trained": found.trained_score,
@@ -684,13 +688,13 @@ def _refit_head(
     }
     store = RefitCheckpointer(config.run_dir)
     try:
-        store.save(step, found.kernel, found.bias, record)
+        store.save(step, found.layers, record)
     finally:
         store.close()
     print(
-        f"Refitted the last layer of step {step} by least squares on {found.examples} training images (ridge "
-        f"{found.ridge:g}): validation R² mean {found.trained_score:.4f} -> {found.score:.4f}{averaged}, "
-        f"time = {elapsed:.1f} s; evaluate.py uses it (--no-refit: as trained)",
+        f"Refitted the head of step {step} on {found.examples} training images: {report.describe_refit(record)}: "
+        f"validation R² mean {found.trained_score:.4f} -> {found.score:.4f}{averaged}, time = {elapsed:.1f} s; "
+        "evaluate.py uses it (--no-refit: as trained)",
         flush=True,
     )
 
@@ -700,13 +704,36 @@ def _refit_progress(batches, total: int, description: str, stop: monitor.StopSig
     signal's exit code (the checkpoints are intact)."""
     with tqdm(batches, description, total, leave=False, disable=not show) as bar:
         for batch in bar:
-            if stop.received is not None:
-                raise RunError(
-                    "stopped during the refit of the last layer; the checkpoints are intact (evaluate.py evaluates "
-                    "the layer as trained): run the same command again to refit",
-                    exit_code=stop.exit_code,
-                )
+            _stop_the_refit(stop)
             yield batch
+
+
+@contextlib.contextmanager
+def _epoch_progress(total: int, description: str, stop: monitor.StopSignals, *, show: bool):
+    """A callback for each epoch of the head's fine-tuning: a progress bar (made at the first epoch's end, after the
+    features' bars), and RunError once a signal arrives."""
+    bars = []
+
+    def each_epoch(epoch: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc=description, leave=False, disable=not show))
+        bars[0].update(1)
+        _stop_the_refit(stop)
+
+    try:
+        yield each_epoch
+    finally:
+        for bar in bars:
+            bar.close()
+
+
+def _stop_the_refit(stop: monitor.StopSignals) -> None:
+    if stop.received is not None:
+        raise RunError(
+            "stopped during the refit of the head; the checkpoints are intact (evaluate.py evaluates the head as "
+            "trained): run the same command again to refit",
+            exit_code=stop.exit_code,
+        )
 
 
 def train_and_evaluate(config: Config) -> dict:

@@ -1,10 +1,12 @@
-"""The network's last layer refitted by least squares: the kernel and bias of its last Linear solved in closed form
-(ridge regression) from the features that layer reads to the encoded targets, every other weight kept as trained.
+"""The network's head refitted on the features it reads, every other weight kept as trained: its last Linear solved
+in closed form (ridge regression) to the encoded targets, and a head with hidden layers (the CosmoML head) also
+fine-tuned whole with Adam on the squared error.
 
 R² scores squared errors, and the Huber loss CosmoSim's roulette amplitudes train with bounds the pull of the rare
-large rows that decide it; solving the last layer for the squared error on the trained network's own features gives
-that back, and lifted every R² mean of the group's three problems (docs/cosmosim_runs.md, "The last layer refitted by
-least squares"). A refit is only kept when it scores better on the validation split than the layer as trained.
+large rows that decide it; refitting the head for the squared error on the trained network's own features gives that
+back, and lifted every R² mean of the group's three problems (docs/cosmosim_runs.md, "The last layer refitted by least
+squares", "The whole head refitted"). A refit is only kept when it scores better on the validation split than the head
+as trained.
 """
 
 import dataclasses
@@ -15,6 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -26,45 +29,75 @@ from jaxnets.models import MLP
 # Ridges tried, relative to the mean variance of the features (so one scale fits every network); 0 is plain least
 # squares. The validation split chooses among them.
 RIDGES = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+# A head with hidden layers (the CosmoML head) is also fine-tuned whole on the squared error, from its trained weights:
+# Adam at this rate, this batch, and the epoch (of at most HEAD_EPOCHS) the validation split scores highest
+# (docs/cosmosim_runs.md, "The whole head refitted": chosen so, it gained on the test split of all three problems).
+HEAD_LR, HEAD_BATCH, HEAD_EPOCHS = 3e-4, 128, 30
+
+
+def head(model: nnx.Module) -> nnx.Module:
+    """What reads the network's features: Inception3's fc (a Linear, or the CosmoML head of Linears and ReLUs), an
+    MLP's last Linear."""
+    return model.layers[-1] if isinstance(model, MLP) else model.fc
+
+
+def head_layers(model: nnx.Module) -> list[nnx.Linear]:
+    """The Linear layers of the model's head, in order."""
+    module = head(model)
+    return [layer for layer in module.layers if isinstance(layer, nnx.Linear)] if _has_hidden(module) else [module]
 
 
 def last_layer(model: nnx.Module) -> nnx.Linear:
     """The last Linear of an MLP or an Inception3 (its fc, or the last layer of its head)."""
-    if isinstance(model, MLP):
-        return model.layers[-1]
-    return model.fc if isinstance(model.fc, nnx.Linear) else model.fc.layers[-1]
+    return head_layers(model)[-1]
+
+
+def _has_hidden(module: nnx.Module) -> bool:
+    return isinstance(module, nnx.Sequential)
+
+
+def _hidden(module: nnx.Module, x: jax.Array) -> jax.Array:
+    """What the head's last Linear reads, from what the head reads."""
+    if _has_hidden(module):
+        for layer in module.layers[:-1]:
+            x = layer(x)
+    return x
 
 
 class _Features(nnx.Module):
-    """Stands where the last Linear was: the model then returns what that layer reads."""
+    """Stands where the head was: the model then returns what the head reads."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return x
 
 
-def without_last_layer(model: nnx.Module) -> nnx.Linear:
-    """Takes the last Linear out of model, in place, and returns it: the model then returns that layer's input."""
-    last = last_layer(model)
+def without_head(model: nnx.Module) -> nnx.Module:
+    """Takes the head out of model, in place, and returns it: the model then returns the head's input."""
+    module = head(model)
     if isinstance(model, MLP):
         model.layers[-1] = _Features()
-    elif model.fc is last:
-        model.fc = _Features()
     else:
-        model.fc.layers[-1] = _Features()
-    return last
+        model.fc = _Features()
+    return module
 
 
-def with_last_layer(state: training.TrainState, kernel: np.ndarray, bias: np.ndarray) -> training.TrainState:
-    """state with the kernel [F, W] and bias [W] of its model's last Linear replaced; ValueError if they do not fit."""
+def with_head_layers(
+    state: training.TrainState, layers: Sequence[tuple[np.ndarray, np.ndarray]]
+) -> training.TrainState:
+    """state with the kernel [F, W] and bias [W] of the last len(layers) Linear layers of its model's head replaced
+    (one: the last layer); ValueError if they do not fit."""
     model = state.model()
-    layer = last_layer(model)
-    if np.shape(kernel) != layer.kernel.shape or np.shape(bias) != layer.bias.shape:
-        raise ValueError(
-            f"a last layer of kernel {np.shape(kernel)} and bias {np.shape(bias)} does not fit the model's "
-            f"{layer.kernel.shape} and {layer.bias.shape}"
-        )
-    layer.kernel[...] = jnp.asarray(kernel, layer.kernel.dtype)
-    layer.bias[...] = jnp.asarray(bias, layer.bias.dtype)
+    linears = head_layers(model)
+    if not 0 < len(layers) <= len(linears):
+        raise ValueError(f"{len(layers)} refitted layers do not fit a head of {len(linears)} Linear layers")
+    for layer, (kernel, bias) in zip(linears[-len(layers) :], layers, strict=True):
+        if np.shape(kernel) != layer.kernel.shape or np.shape(bias) != layer.bias.shape:
+            raise ValueError(
+                f"a layer of kernel {np.shape(kernel)} and bias {np.shape(bias)} does not fit the model's "
+                f"{layer.kernel.shape} and {layer.bias.shape}"
+            )
+        layer.kernel[...] = jnp.asarray(kernel, layer.kernel.dtype)
+        layer.bias[...] = jnp.asarray(bias, layer.bias.dtype)
     _, params, _ = nnx.split(model, nnx.Param, ...)
     return state.replace(params=params)
 
@@ -75,10 +108,21 @@ def make_feature_step() -> Callable[[training.TrainState, training.Batch], jax.A
 
     def feature_step(state: training.TrainState, batch: training.Batch) -> jax.Array:
         model = state.model(train=False)
-        without_last_layer(model)
-        return model(batch["image"]).astype(jnp.float32)
+        module = without_head(model)
+        return _hidden(module, model(batch["image"])).astype(jnp.float32)
 
     return jax.jit(feature_step)
+
+
+def _make_head_input_step() -> Callable[[training.TrainState, training.Batch], jax.Array]:
+    """A jit-compiled `step(state, batch) -> [batch, F0]` (float32): what the head reads, in eval mode."""
+
+    def head_input_step(state: training.TrainState, batch: training.Batch) -> jax.Array:
+        model = state.model(train=False)
+        without_head(model)
+        return model(batch["image"]).astype(jnp.float32)
+
+    return jax.jit(head_input_step)
 
 
 class NormalEquations(NamedTuple):
@@ -113,20 +157,62 @@ class NormalEquations(NamedTuple):
         return fits
 
 
+Layers = list[tuple[np.ndarray, np.ndarray]]
+
+
+def fine_tune_head(
+    module: nnx.Module,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    on_epoch: Callable[[int, nnx.Module], None],
+    *,
+    epochs: int = HEAD_EPOCHS,
+    lr: float = HEAD_LR,
+    batch_size: int = HEAD_BATCH,
+) -> None:
+    """Trains a copy of the head module (its trained weights the start) with Adam on the mean squared error from
+    inputs [N, F0] (what it reads) to targets [N, W], in shuffled batches (the rows past the last whole batch left
+    out of each epoch), and calls on_epoch(epoch, head) after each epoch. The same inputs give the same heads."""
+    graphdef, params = nnx.split(module, nnx.Param)
+    optimizer = optax.adam(lr)
+
+    @jax.jit
+    def update(params, opt_state, x, y):
+        grads = jax.grad(lambda p: jnp.mean((nnx.merge(graphdef, p)(x).astype(jnp.float32) - y) ** 2))(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    opt_state, rng = optimizer.init(params), np.random.default_rng(0)
+    batch_size = min(batch_size, len(inputs))
+    for epoch in range(1, epochs + 1):
+        order = rng.permutation(len(inputs))
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            rows = order[start : start + batch_size]
+            params, opt_state = update(params, opt_state, jnp.asarray(inputs[rows]), jnp.asarray(targets[rows]))
+        on_epoch(epoch, nnx.merge(graphdef, params))
+
+
 @dataclasses.dataclass(frozen=True)
 class Refit:
-    """What `refit_last_layer` found: the kernel [F, W] and bias [W] chosen (ridge None: the layer as trained), and
-    the validation score as trained and with them."""
+    """What `refit_head` found: the kernel [F, W] and bias [W] of each of the head's last len(layers) Linear layers
+    (one: the last layer solved by least squares; all: the head fine-tuned), how (method None: as trained), and the
+    validation score as trained and with them."""
 
-    kernel: np.ndarray
-    bias: np.ndarray
-    ridge: float | None
+    layers: Layers
+    method: str | None  # "least squares", "fine-tuned" or None
+    ridge: float | None  # least squares
+    epochs: int | None  # fine-tuned
     trained_score: float
     score: float
-    examples: int  # training rows the least squares saw
+    examples: int  # training rows the refit saw
 
 
-def refit_last_layer(
+def _layers_of(module: nnx.Module) -> Layers:
+    linears = [layer for layer in module.layers if isinstance(layer, nnx.Linear)] if _has_hidden(module) else [module]
+    return [(np.asarray(layer.kernel[...], np.float64), np.asarray(layer.bias[...], np.float64)) for layer in linears]
+
+
+def refit_head(
     state: training.TrainState,
     train_batches: Iterable[training.Batch],
     validation_batches: Iterable[training.Batch],
@@ -135,60 +221,87 @@ def refit_last_layer(
     *,
     views: Sequence[np.ndarray] = SYMMETRIES[:1],
     ridges: Sequence[float] = RIDGES,
+    epochs: int = HEAD_EPOCHS,
+    each_epoch: Callable[[int], None] | None = None,
 ) -> Refit:
-    """Solves the last layer of state's model (its parameters as evaluated: pass `with_ema_params(state)`) by least
-    squares on the training batches' features and encoded targets ("target"), for each ridge, and keeps what scores
-    highest on the validation batches, the layer as trained included.
+    """Refits the head of state's model (its parameters as evaluated: pass `with_ema_params(state)`) on what it reads
+    from the training batches' images, to their encoded targets ("target"): its last layer solved by least squares
+    for each ridge, and where the head has hidden layers the whole head fine-tuned (`fine_tune_head`) for each of
+    1 … epochs epochs; keeps what scores highest on the validation batches, the head as trained included.
 
     score(outputs, true) -> the figure to maximise: outputs is one [N, W] array of encoded outputs per view (the
     validation images moved by each of views, as evaluate.py's test-time augmentation reads them), true the
     batches' "raw_target" [N, P] where they carry it (a TargetEncoding's batches), else their "target". Multi-process
-    runs: every process passes its own rows and gets the same answer.
+    runs: every process passes its own rows and gets the same answer. each_epoch(epoch) is called after each epoch
+    of the fine-tuning (a progress bar; it may raise to stop).
     """
-    feature_step = make_feature_step()
+    input_step = _make_head_input_step()
 
-    def features(batch: training.Batch) -> np.ndarray:
-        return training.process_local(feature_step(state, training.shard_batch(batch, mesh)))
+    def inputs(batch: training.Batch) -> np.ndarray:
+        return training.process_local(input_step(state, training.shard_batch(batch, mesh)))
 
-    sums = None
+    train_x, train_y, order = [], [], []
     for batch in train_batches:
         real = np.asarray(batch["mask"]) > 0
-        rows = NormalEquations.of(features(batch)[real], np.asarray(batch["target"])[real])
-        sums = rows if sums is None else jax.tree.map(operator.add, sums, rows)
-    if sums is None:
-        raise ValueError("the training split is empty: nothing to refit the last layer on")
-    sums = jax.tree.map(_summed_over_processes, sums)
+        train_x.append(inputs(batch)[real])
+        train_y.append(np.asarray(batch["target"], np.float32)[real])
+        # The example's index in the split where the batches carry it; else the batches' order.
+        seen = sum(map(len, order))
+        order.append(np.asarray(batch["index"])[real] if "index" in batch else seen + np.arange(real.sum()))
+    if not train_x:
+        raise ValueError("the training split is empty: nothing to refit the head on")
+    # Every process's rows, in the split's order: each process fits the same head.
+    rows = np.argsort(_gathered(np.concatenate(order)), kind="stable")
+    train_x, train_y = (_gathered(np.concatenate(part))[rows] for part in (train_x, train_y))
 
     per_view, true, masks = [[] for _ in views], [], []
     for batch in validation_batches:
         masks.append(np.asarray(batch["mask"]) > 0)
         true.append(np.asarray(batch.get("raw_target", batch["target"])))
-        for rows, view in zip(per_view, views, strict=True):
-            rows.append(features(dict(batch, image=transform_images(batch["image"], view))))
+        for view_rows, view in zip(per_view, views, strict=True):
+            view_rows.append(inputs(dict(batch, image=transform_images(batch["image"], view))))
     if not masks:
-        raise ValueError("the validation split is empty: nothing to choose the refit's ridge on")
+        raise ValueError("the validation split is empty: nothing to choose the refit on")
     real = _gathered(np.concatenate(masks))
     true = _gathered(np.concatenate(true))[real]
-    per_view = [_gathered(np.concatenate(rows))[real] for rows in per_view]
+    per_view = [_gathered(np.concatenate(view_rows))[real] for view_rows in per_view]
 
-    trained = last_layer(state.model())
-    kernel, bias = np.asarray(trained.kernel[...], np.float64), np.asarray(trained.bias[...], np.float64)
-    trained_score = score([view @ kernel + bias for view in per_view], true)
-    best = Refit(kernel, bias, None, trained_score, trained_score, int(sums.count))
-    for ridge, (kernel, bias) in zip(ridges, sums.solve(ridges), strict=True):
-        fitted = score([view @ kernel + bias for view in per_view], true)
+    module = head(state.model(train=False))
+    apply = nnx.jit(lambda module, x: module(x).astype(jnp.float32))
+    trained_score = score([np.asarray(apply(module, view), np.float64) for view in per_view], true)
+    best = Refit(_layers_of(module)[-1:], None, None, None, trained_score, trained_score, len(train_x))
+
+    hidden = nnx.jit(lambda module, x: _hidden(module, x).astype(jnp.float32))
+    features = [np.asarray(hidden(module, view), np.float64) for view in per_view]
+    for ridge, (kernel, bias) in zip(ridges, _least_squares(hidden, module, train_x, train_y, ridges), strict=True):
+        fitted = score([view @ kernel + bias for view in features], true)
         if fitted > best.score:
-            best = dataclasses.replace(best, kernel=kernel, bias=bias, ridge=float(ridge), score=fitted)
+            best = dataclasses.replace(
+                best, layers=[(kernel, bias)], method="least squares", ridge=float(ridge), score=fitted
+            )
+    if _has_hidden(module):
+
+        def on_epoch(epoch: int, tuned: nnx.Module) -> None:
+            nonlocal best
+            fitted = score([np.asarray(apply(tuned, view), np.float64) for view in per_view], true)
+            if fitted > best.score:
+                best = dataclasses.replace(
+                    best, layers=_layers_of(tuned), method="fine-tuned", ridge=None, epochs=epoch, score=fitted
+                )
+            if each_epoch is not None:
+                each_epoch(epoch)
+
+        fine_tune_head(module, train_x, train_y, on_epoch, epochs=epochs)
     return best
 
 
-def _summed_over_processes(value: np.ndarray) -> np.ndarray:
-    if jax.process_count() == 1:
-        return value
-    value = np.asarray(value, np.float64)
-    # Sent as raw 32-bit words: JAX without x64 would round float64 to float32 on the way.
-    words = np.asarray(multihost_utils.process_allgather(value.reshape(-1).view(np.uint32)))
-    return words.view(np.float64).reshape(-1, *value.shape).sum(axis=0)
+def _least_squares(hidden, module, inputs: np.ndarray, targets: np.ndarray, ridges: Sequence[float]) -> Layers:
+    """The last layer solved for each ridge, the sums added 4,096 rows at a time (in float64)."""
+    sums = None
+    for start in range(0, len(inputs), 4096):
+        rows = NormalEquations.of(hidden(module, inputs[start : start + 4096]), targets[start : start + 4096])
+        sums = rows if sums is None else jax.tree.map(operator.add, sums, rows)
+    return sums.solve(ridges)
 
 
 def _gathered(rows: np.ndarray) -> np.ndarray:

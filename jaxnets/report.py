@@ -45,14 +45,22 @@ def format_report(report: dict) -> str:
 
 
 def describe_checkpoint(report: dict) -> str:
-    """Which checkpoint a report comes from: 'best checkpoint step 20 (validation loss 1.207)', and whether its last
-    layer was refitted (train.py --refit-head)."""
+    """Which checkpoint a report comes from: 'best checkpoint step 20 (validation loss 1.207)', and whether its head
+    was refitted (train.py --refit-head)."""
     kind = {"best": "best checkpoint", "latest": "latest checkpoint"}.get(report.get("checkpoint"), "checkpoint")
     loss = report.get("validation_loss")
     detail = "no validation loss: saved mid-epoch" if loss is None else f"validation loss {loss:.6g}"
-    refit = report.get("refitted_last_layer")
-    refitted = "" if refit is None else f", last layer refitted by least squares (ridge {refit['ridge']:g})"
-    return f"{kind} step {report['step']} ({detail}){refitted}"
+    return f"{kind} step {report['step']} ({detail}){describe_refit(report.get('refitted_head'), ', ')}"
+
+
+def describe_refit(record: dict | None, prefix: str = "") -> str:
+    """How train.py --refit-head refitted the head, from its record: 'last layer refitted by least squares (ridge
+    0.0001)' or 'head fine-tuned on its features for 30 epochs'; "" for None."""
+    if record is None:
+        return ""
+    if record.get("method") == "fine-tuned":
+        return f"{prefix}head fine-tuned on its features for {record['epochs']} epoch{'s' * (record['epochs'] != 1)}"
+    return f"{prefix}last layer refitted by least squares (ridge {record['ridge']:g})"
 
 
 def write_json(path: str, value: dict) -> None:
