@@ -46,7 +46,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AMPLITUDES = "alpha[*][*],beta[*][*]"
 # --time-budget: what the run after the calibration needs besides its epochs (its start and compile from the cache,
 # the four evaluations: 180 s measured in docs/cosmosim_runs.md, "sie at their setting on one GPU"; the refit of the
-# last layer, a pass over the training images and 8 over the validation's without gradients), with a margin.
+# head, a pass over the training images and 8 over the validation's without gradients and 30 epochs of the head alone
+# on what it read), with a margin.
 RESERVE_SECONDS = 240
 MOST_EPOCHS = 40  # --time-budget without --epochs
 

@@ -43,7 +43,10 @@ def head(model: nnx.Module) -> nnx.Module:
 
 def head_layers(model: nnx.Module) -> list[nnx.Linear]:
     """The Linear layers of the model's head, in order."""
-    module = head(model)
+    return _linears(head(model))
+
+
+def _linears(module: nnx.Module) -> list[nnx.Linear]:
     return [layer for layer in module.layers if isinstance(layer, nnx.Linear)] if _has_hidden(module) else [module]
 
 
@@ -208,8 +211,10 @@ class Refit:
 
 
 def _layers_of(module: nnx.Module) -> Layers:
-    linears = [layer for layer in module.layers if isinstance(layer, nnx.Linear)] if _has_hidden(module) else [module]
-    return [(np.asarray(layer.kernel[...], np.float64), np.asarray(layer.bias[...], np.float64)) for layer in linears]
+    return [
+        (np.asarray(layer.kernel[...], np.float64), np.asarray(layer.bias[...], np.float64))
+        for layer in _linears(module)
+    ]
 
 
 def refit_head(
