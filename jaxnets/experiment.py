@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from jaxnets import convert, host_memory, losses, metrics, monitor, refit, report, training
 from jaxnets import data as data_lib
-from jaxnets.checkpoint import CHECKPOINT_DIR, REFIT_DIR, Checkpointer, RefitCheckpointer, read_refit
+from jaxnets.checkpoint import CHECKPOINT_DIR, Checkpointer, RefitCheckpointer, read_refit
 from jaxnets.config import Config, format_value
 from jaxnets.data import pipeline
 from jaxnets.data.symmetry import SYMMETRIES, TargetSymmetry
@@ -635,7 +635,7 @@ def _refit_head(
         return
     try:
         if read_refit(config.run_dir, step) is not None:
-            print(f"The head of step {step} is already refitted ({REFIT_DIR} in {config.run_dir})", flush=True)
+            print(f"The head of step {step} is already refitted (in {config.run_dir}); evaluate.py uses it", flush=True)
             return
     except ValueError as error:
         warnings.warn(f"{error}; refitting it again", stacklevel=2)
