@@ -245,31 +245,20 @@ def refit_head(
     def inputs(batch: training.Batch) -> np.ndarray:
         return training.process_local(input_step(state, training.shard_batch(batch, mesh)))
 
-    train_x, train_y, order = [], [], []
-    for batch in train_batches:
-        real = np.asarray(batch["mask"]) > 0
-        train_x.append(inputs(batch)[real])
-        train_y.append(np.asarray(batch["target"], np.float32)[real])
-        # The example's index in the split where the batches carry it; else the batches' order.
-        seen = sum(map(len, order))
-        order.append(np.asarray(batch["index"])[real] if "index" in batch else seen + np.arange(real.sum()))
-    if not train_x:
-        raise ValueError("the training split is empty: nothing to refit the head on")
-    # Every process's rows, in the split's order: each process fits the same head.
-    rows = np.argsort(_gathered(np.concatenate(order)), kind="stable")
-    train_x, train_y = (_gathered(np.concatenate(part))[rows] for part in (train_x, train_y))
-
-    per_view, true, masks = [[] for _ in views], [], []
-    for batch in validation_batches:
-        masks.append(np.asarray(batch["mask"]) > 0)
-        true.append(np.asarray(batch.get("raw_target", batch["target"])))
-        for view_rows, view in zip(per_view, views, strict=True):
-            view_rows.append(inputs(dict(batch, image=transform_images(batch["image"], view))))
-    if not masks:
-        raise ValueError("the validation split is empty: nothing to choose the refit on")
-    real = _gathered(np.concatenate(masks))
-    true = _gathered(np.concatenate(true))[real]
-    per_view = [_gathered(np.concatenate(view_rows))[real] for view_rows in per_view]
+    (train_x,), train_y = _real_rows(
+        train_batches,
+        SYMMETRIES[:1],
+        inputs,
+        lambda batch: batch["target"],
+        "the training split is empty: nothing to refit the head on",
+    )
+    per_view, true = _real_rows(
+        validation_batches,
+        views,
+        inputs,
+        lambda batch: batch.get("raw_target", batch["target"]),
+        "the validation split is empty: nothing to choose the refit on",
+    )
 
     module = head(state.model(train=False))
     apply = nnx.jit(lambda module, x: module(x).astype(jnp.float32))
@@ -307,6 +296,32 @@ def _least_squares(hidden, module, inputs: np.ndarray, targets: np.ndarray, ridg
         rows = NormalEquations.of(hidden(module, inputs[start : start + 4096]), targets[start : start + 4096])
         sums = rows if sums is None else jax.tree.map(operator.add, sums, rows)
     return sums.solve(ridges)
+
+
+def _real_rows(
+    batches: Iterable[training.Batch],
+    views: Sequence[np.ndarray],
+    inputs: Callable[[training.Batch], np.ndarray],
+    field: Callable[[training.Batch], np.ndarray],
+    empty: str,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """inputs(batch) for the batches' images moved by each of views, and field(batch): the real (unmasked) rows of
+    every process, in the order of their index in the split (of the batches where they carry none), so every process
+    gets the same rows in the same order as one process would. ValueError(empty) when there are no batches."""
+    per_view, values, masks, order = [[] for _ in views], [], [], []
+    for batch in batches:
+        masks.append(np.asarray(batch["mask"]) > 0)
+        values.append(np.asarray(field(batch)))
+        seen = sum(map(len, order))
+        order.append(np.asarray(batch["index"]) if "index" in batch else seen + np.arange(len(masks[-1])))
+        for rows, view in zip(per_view, views, strict=True):
+            rows.append(inputs(dict(batch, image=transform_images(batch["image"], view))))
+    if not masks:
+        raise ValueError(empty)
+    # Gathered padded, as every process reads as many rows; the real ones kept after.
+    real = _gathered(np.concatenate(masks))
+    keep = np.flatnonzero(real)[np.argsort(_gathered(np.concatenate(order))[real], kind="stable")]
+    return [_gathered(np.concatenate(rows))[keep] for rows in per_view], _gathered(np.concatenate(values))[keep]
 
 
 def _gathered(rows: np.ndarray) -> np.ndarray:

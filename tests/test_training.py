@@ -233,6 +233,27 @@ def test_tasks_given_different_options_are_refused_by_name(tmp_path, data_dir):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
+def test_the_refit_on_two_slurm_tasks_reads_a_split_the_processes_share_unevenly(tmp_path, data_dir):
+    """100 training images in batches of 16: the refit reads the training split's last batch padded, 4 real rows for
+    the first task and none for the second (gathering the real rows alone, of different counts, crashed both)."""
+    tiny = dict(TINY, num_train=100)  # training drops the remainder: 6 steps an epoch, as with 96
+    single = str(tmp_path / "single")
+    experiment.train_and_evaluate(Config(**tiny, workdir=single, data_dir=data_dir, refit_head=True))
+    workdir = str(tmp_path / "distributed")
+    args = [*cli_args(**tiny, workdir=workdir, data_dir=data_dir), "--refit-head"]
+    for returncode, out, err in _slurm_tasks(args, args):
+        assert returncode == 0, err[-3000:]
+        assert "Refitted the head of step 12 on 100 training images" in out
+    ((kernel, bias),), record = read_refit(workdir, 12)
+    ((one_kernel, one_bias),), one_record = read_refit(single, 12)
+    assert record["examples"] == one_record["examples"] == 100 and record["ridge"] == one_record["ridge"]
+    # The features of batches of 8 rows per process against 16 in one differ in float32's last bits.
+    np.testing.assert_allclose(kernel, one_kernel, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(bias, one_bias, rtol=1e-3, atol=1e-5)
+    assert record["validation_r2_mean"] == pytest.approx(one_record["validation_r2_mean"], rel=1e-4)
+
+
 def _slurm_tasks(*task_args: list[str]) -> list[tuple[int, str, str]]:
     """Runs `train.py --distributed` as Slurm starts it, one task per argument list (the coordinator found from
     the SLURM_* variables); (exit code, stdout, stderr) of each."""
