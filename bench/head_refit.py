@@ -18,31 +18,14 @@ import json
 import os
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from cosmosim_problems import PROBLEMS, summarize  # bench/ is on sys.path when run as a script
 from flax import nnx
 from refit_head import averaged_report, load_trained_run, read_views
 
+from jaxnets import refit
 from jaxnets.data.symmetry import SYMMETRIES
-
-
-class _Pooled(nnx.Module):
-    """Stands where the head was: the model then returns the pooled features."""
-
-    def __call__(self, x):
-        return x
-
-
-def head_outputs(params: list[tuple[jax.Array, jax.Array]], features: jax.Array) -> jax.Array:
-    """The head's Linear layers with ReLUs between them: features [N, 2048] -> outputs [N, n]."""
-    for index, (kernel, bias) in enumerate(params):
-        features = features @ kernel + bias
-        if index < len(params) - 1:
-            features = jax.nn.relu(features)
-    return features
 
 
 def main() -> None:
@@ -57,13 +40,9 @@ def main() -> None:
 
     run = load_trained_run(args.workdir)
     model = run.state.model(train=False)
-    trained = [
-        (jnp.asarray(layer.kernel[...], jnp.float32), jnp.asarray(layer.bias[...], jnp.float32))
-        for layer in model.fc.layers
-        if isinstance(layer, nnx.Linear)
-    ]
-    model.fc = _Pooled()
+    trained = refit.without_head(model)  # the model then returns the pooled features
     pooled = nnx.jit(lambda model, images: model(images).astype(jnp.float32))
+    apply = nnx.jit(lambda head, x: head(x).astype(jnp.float32))
 
     def read(split: str, views) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         """The split's pooled features in each view, its raw targets and its encoded targets."""
@@ -85,37 +64,28 @@ def main() -> None:
     print(f"features in {time.perf_counter() - started:.0f} s", flush=True)
     problem = PROBLEMS[args.problem]
 
-    def scored(params, split: str) -> tuple[dict, float]:
+    def scored(head, split: str) -> tuple[dict, float]:
         views, true = splits[split]
-        parameters = averaged_report(run, [np.asarray(head_outputs(params, jnp.asarray(view))) for view in views], true)
+        parameters = averaged_report(run, [np.asarray(apply(head, jnp.asarray(view))) for view in views], true)
         every = float(np.nanmean([p["r2"] for p in parameters.values()]))
         return summarize({"parameters": parameters}, problem), every
 
     results = {"as trained": {split: scored(trained, split)[0] for split in splits}}
     print("as trained", results["as trained"], flush=True)
     for lr in (float(value) for value in args.lr.split(",")):
-        tx = optax.adam(lr)
-
-        @jax.jit
-        def update(params, opt_state, x, y, tx=tx):
-            loss, grads = jax.value_and_grad(lambda p: jnp.mean((head_outputs(p, x) - y) ** 2))(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
-
-        params, opt_state, rng = trained, tx.init(trained), np.random.default_rng(0)
         best = (-np.inf, 0, trained)
-        for epoch in range(1, args.epochs + 1):
-            order = rng.permutation(len(train_x))
-            for start in range(0, len(order) - 127, 128):
-                rows = order[start : start + 128]
-                params, opt_state = update(params, opt_state, jnp.asarray(train_x[rows]), jnp.asarray(train_y[rows]))
-            means, every = scored(params, "validation")
+
+        def on_epoch(epoch: int, head: nnx.Module, lr: float = lr) -> None:
+            nonlocal best
+            means, every = scored(head, "validation")
             if every > best[0]:
-                best = (every, epoch, params)
+                best = (every, epoch, head)
             if epoch % 10 == 0:
                 print(f"lr {lr:g} epoch {epoch}: validation {means}", flush=True)
-        _, epoch, params = best
-        results[f"lr {lr:g}"] = {"epoch": epoch, **{split: scored(params, split)[0] for split in splits}}
+
+        refit.fine_tune_head(trained, train_x, train_y, on_epoch, epochs=args.epochs, lr=lr)
+        _, epoch, head = best
+        results[f"lr {lr:g}"] = {"epoch": epoch, **{split: scored(head, split)[0] for split in splits}}
         print(f"lr {lr:g}, chosen on validation:", results[f"lr {lr:g}"], flush=True)
     if args.out:
         with open(args.out, "w") as f:

@@ -25,14 +25,21 @@ import time
 
 import numpy as np
 
-from jaxnets import metrics, training
+from jaxnets import training
 from jaxnets.checkpoint import Checkpointer
 from jaxnets.config import Config
 from jaxnets.data import Dataset, pipeline
 from jaxnets.data.symmetry import SYMMETRIES, TargetSymmetry, transform_images
 from jaxnets.data.targets import TargetEncoding
 from jaxnets.evaluation import saved_encoding
-from jaxnets.experiment import build_model, build_optimizer, load_data, setup_jax, target_symmetry
+from jaxnets.experiment import (
+    build_model,
+    build_optimizer,
+    load_data,
+    regression_outputs,
+    setup_jax,
+    target_symmetry,
+)
 from jaxnets.refit import RIDGES, NormalEquations, last_layer, make_feature_step
 
 
@@ -84,10 +91,8 @@ def read_views(run: TrainedRun, forward, split: str, views) -> tuple[list[np.nda
 
 def averaged_report(run: TrainedRun, outputs: list[np.ndarray], true: np.ndarray) -> dict:
     """Per target errors and R² of the encoded outputs of the 8 views averaged, as evaluate.py reports them."""
-    averaged = run.symmetry.average_outputs(run.encoding, outputs, SYMMETRIES)
-    return metrics.regression_report(
-        true, run.encoding.decode(averaged), run.dataset.target_names, periods=run.encoding.periods
-    )["parameters"]
+    _, report = regression_outputs(run.dataset, run.encoding, run.symmetry, SYMMETRIES, outputs, true)
+    return report["parameters"]
 
 
 def main() -> None:
